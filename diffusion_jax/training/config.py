@@ -1,0 +1,113 @@
+"""The default config every experiment config starts from (``configs/*.py``).
+
+Fields (``ml_collections.ConfigDict``; ``launch.py`` locks it, so a misspelt override
+fails):
+
+- ``seed``: the root of every random stream (init, t and noise per step, data order).
+- ``data``: see `diffusion_jax.data.pipeline` (name, split, data_dir, random_flip,
+  image_size, resize, mock, mock_num_examples, prefetch).
+- ``model``: ``name`` ('unet' | 'mlp'); U-Net fields ch, ch_mult, num_res_blocks,
+  attn_resolutions, dropout, num_classes, dtype ('float32' | 'bfloat16' compute); MLP fields
+  features, activation, per_step_readout.
+- ``diffusion``: schedule ('linear' | 'cosine' | 'sohl_dickstein'), num_timesteps,
+  mean_type, var_type, loss_type, decoder_type.
+- ``optim``: lr, warmup_steps, grad_clip, beta1, beta2, eps, weight_decay, ema_decay,
+  ema_warmup.
+- ``train``: batch_size (global, over all devices and processes), num_steps, log_every,
+  checkpoint_every, keep_checkpoints, sample_every (0: no sample grids),
+  nan_policy ('stop' | 'skip').
+- ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, num_samples,
+  clip_denoised, grid_upscale.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "cifar10"
+    c.data.split = "train"
+    c.data.data_dir = config_dict.placeholder(str)
+    c.data.random_flip = False
+    c.data.image_size = config_dict.placeholder(int)
+    c.data.resize = "nearest"
+    c.data.mock = False
+    c.data.mock_num_examples = 128
+    c.data.prefetch = 4
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "unet"
+    c.model.ch = 128
+    c.model.ch_mult = (1, 2, 2, 2)
+    c.model.num_res_blocks = 2
+    c.model.attn_resolutions = (16,)
+    c.model.dropout = 0.1
+    c.model.num_classes = config_dict.placeholder(int)
+    c.model.dtype = "float32"
+    c.model.features = (128, 128, 128)
+    c.model.activation = "swish"
+    c.model.per_step_readout = False
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "linear"
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.mean_type = "eps"
+    c.diffusion.var_type = "fixed_large"
+    c.diffusion.loss_type = "mse"
+    c.diffusion.decoder_type = "discretized"
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-4
+    c.optim.warmup_steps = 5000
+    c.optim.grad_clip = 1.0
+    c.optim.beta1 = 0.9
+    c.optim.beta2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.ema_decay = 0.9999
+    c.optim.ema_warmup = False
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128
+    c.train.num_steps = 800_000
+    c.train.log_every = 100
+    c.train.checkpoint_every = 5000
+    c.train.keep_checkpoints = 3
+    c.train.sample_every = 50_000
+    c.train.nan_policy = "stop"
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.sampler = "ancestral"
+    c.sample.num_steps = 1000
+    c.sample.num_samples = 64
+    c.sample.clip_denoised = True
+    c.sample.grid_upscale = 1
+    return c
+
+
+def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``:tiny`` variant of any image config: a tiny U-Net, a few steps, tiny grids.
+
+    For smoke runs (CI, a new machine): same code paths, minutes become seconds.
+    """
+    c.model.ch = 32
+    c.model.ch_mult = (1, 2)
+    c.model.num_res_blocks = 1
+    c.model.dropout = 0.0
+    c.diffusion.num_timesteps = 50
+    c.optim.warmup_steps = 2
+    c.train.batch_size = 8
+    c.train.num_steps = 6
+    c.train.log_every = 2
+    c.train.checkpoint_every = 3
+    c.train.sample_every = 6
+    c.sample.num_steps = 50
+    c.sample.num_samples = 8
+    c.data.mock_num_examples = 64
+    return c

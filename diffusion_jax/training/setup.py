@@ -1,0 +1,85 @@
+"""From a config to the pieces of a run: checks across fields, the model."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from diffusion_jax import gaussian, losses, schedules
+from diffusion_jax.models import MLP, UNet
+from diffusion_jax.training.step import NAN_POLICIES
+
+__all__ = ["MODEL_NAMES", "create_model", "validate_config"]
+
+MODEL_NAMES = ("unet", "mlp")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SAMPLERS = ("ancestral", "ddim", "dpm_solver++")
+
+
+def _require_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config.{name} must be a positive int; got {value!r}.")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks values and combinations that no single field's type can express.
+
+    Raises:
+      ValueError: naming the field(s), the value found and what is valid.
+    """
+    d = config.diffusion
+    losses.check_loss_config(mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type)
+    gaussian.check_choice("diffusion.schedule", d.schedule, tuple(schedules.SCHEDULES))
+    gaussian.check_choice("diffusion.decoder_type", d.decoder_type, losses.DECODER_TYPES)
+    gaussian.check_choice("model.name", config.model.name, MODEL_NAMES)
+    gaussian.check_choice("model.dtype", config.model.dtype, tuple(DTYPES))
+    gaussian.check_choice("train.nan_policy", config.train.nan_policy, NAN_POLICIES)
+    gaussian.check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
+    for name in ("train.batch_size", "train.num_steps", "train.log_every",
+                 "train.checkpoint_every", "train.keep_checkpoints", "diffusion.num_timesteps",
+                 "sample.num_samples"):
+        section, field = name.split(".")
+        _require_positive_int(name, config[section][field])
+    steps = config.sample.num_steps
+    if config.sample.sampler != "ancestral" and not (
+        isinstance(steps, int) and 0 < steps <= d.num_timesteps
+    ):
+        raise ValueError(
+            f"sample.num_steps must be an int in [1, diffusion.num_timesteps = "
+            f"{d.num_timesteps}] for sampler {config.sample.sampler!r}; got {steps!r}."
+        )
+    if not 0.0 <= config.optim.ema_decay < 1.0:
+        raise ValueError(f"optim.ema_decay must lie in [0, 1); got {config.optim.ema_decay}.")
+
+
+def create_model(config: ml_collections.ConfigDict, info) -> nn.Module:
+    """The network of ``config.model`` for data described by ``info`` (`data.DataInfo`)."""
+    m = config.model
+    channels = info.shape[-1]
+    out = gaussian.model_output_channels(channels, config.diffusion.var_type)
+    if m.name == "unet":
+        if info.kind != "image":
+            raise ValueError(
+                f"model.name 'unet' needs image data; data.name {info.name!r} is {info.kind} "
+                f"data of shape {info.shape}. Use model.name 'mlp'."
+            )
+        num_classes = m.get("num_classes")
+        if num_classes is not None and info.num_classes is None:
+            raise ValueError(
+                f"model.num_classes = {num_classes} but data set {info.name!r} has no labels."
+            )
+        return UNet(
+            ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+            attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_channels=out,
+            num_classes=num_classes, dtype=DTYPES[m.dtype],
+        )
+    if info.kind != "vector":
+        raise ValueError(
+            f"model.name 'mlp' needs vector data of shape (D,); data.name {info.name!r} has "
+            f"shape {info.shape}. Use model.name 'unet'."
+        )
+    return MLP(
+        num_timesteps=config.diffusion.num_timesteps, features=tuple(m.features), out_dim=out,
+        activation=m.activation, per_step_readout=m.per_step_readout,
+    )
