@@ -9,8 +9,8 @@ JAX projects can use them alone::
     x_t = dj.gaussian.q_sample(schedule, x_start, t, key=key)
 """
 
-from diffusion_jax import gaussian, likelihood, losses, schedules
+from diffusion_jax import gaussian, likelihood, losses, sampling, schedules
 from diffusion_jax.schedules import Schedule
 
-__all__ = ["Schedule", "gaussian", "likelihood", "losses", "schedules"]
+__all__ = ["Schedule", "gaussian", "likelihood", "losses", "sampling", "schedules"]
 __version__ = "0.1.0"
