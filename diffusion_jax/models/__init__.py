@@ -1,0 +1,14 @@
+"""Flax Linen networks for diffusion models.
+
+- :class:`UNet`: the DDPM U-Net for NHWC images (Ho et al. 2020).
+- :class:`MLP`: a time-conditioned MLP for (B, D) data, optionally with a per-step readout
+  (Sohl-Dickstein et al. 2015).
+- :func:`timestep_embedding`: DDPM's sinusoidal embedding of the step ``t``.
+
+The models know nothing of schedules or losses: they map ``(x_t, t)`` to an array.
+"""
+
+from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.unet import UNet, timestep_embedding
+
+__all__ = ["MLP", "UNet", "timestep_embedding"]

@@ -1,0 +1,154 @@
+"""Time-conditioned MLPs for low-dimensional data (Swiss roll, toy 2-D/3-D sets).
+
+Two ways of telling the network the step ``t``, which can be combined:
+
+- ``time_embedding='sinusoidal'``: DDPM's sinusoidal embedding of ``t`` (see
+  :func:`diffusion_jax.models.unet.timestep_embedding`) goes through a dense layer and
+  swish, and a learned projection of it is added to the pre-activation of every hidden layer
+  (as the DDPM U-Net adds ``temb`` to every residual block).
+- ``per_step_readout=True``: the hidden layers are shared between all steps and the final
+  layer has its own weight matrix and bias for each step, the structure Sohl-Dickstein et
+  al. 2015 use for their low-dimensional models (lower layers shared, the readout of the
+  mean and covariance learned separately for each time step). The readout kernel has shape
+  ``(T, hidden, out)`` and is gathered by ``t``, so step ``t``'s output depends on readout
+  ``t`` alone.
+
+With ``time_embedding='none'`` and ``per_step_readout=True`` the model is the 2015 one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.models.unet import timestep_embedding
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "swish": nn.swish,
+    "relu": nn.relu,
+    "sigmoid": nn.sigmoid,
+    "tanh": nn.tanh,
+}
+TIME_EMBEDDINGS = ("sinusoidal", "none")
+
+
+class MLP(nn.Module):
+    """An MLP ``(x_t, t) -> output`` for data of shape (B, D).
+
+    Attributes:
+      num_timesteps: T, the number of diffusion steps; ``t`` takes values in ``[0, T)``.
+      features: widths of the hidden layers (at least one).
+      out_dim: output width; None means D (predicting the noise or the mean). Pass ``2 * D``
+        to also output variances.
+      activation: one of ``'swish'``, ``'relu'``, ``'sigmoid'``, ``'tanh'``.
+      time_embedding: ``'sinusoidal'`` (added to every hidden layer) or ``'none'``.
+      time_embedding_dim: width of the sinusoidal embedding (at least 4).
+      per_step_readout: a separate final layer per step, shape ``(T, features[-1], out)``.
+    """
+
+    num_timesteps: int
+    features: Sequence[int] = (128, 128, 128)
+    out_dim: int | None = None
+    activation: str = "swish"
+    time_embedding: str = "sinusoidal"
+    time_embedding_dim: int = 128
+    per_step_readout: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
+        """Applies the network.
+
+        Args:
+          x: data ``x_t``, float of shape (B, D).
+          t: steps, integer of shape (B,) with values in ``[0, T)``. The range is checked
+            when ``t`` is concrete; inside ``jit`` it is the caller's duty (an out-of-range
+            ``t`` would silently read another step's readout row).
+          train: unused (no dropout); accepted so every model has the same call signature.
+
+        Returns:
+          float32 array of shape (B, out_dim or D).
+        """
+        del train
+        act = self._check_config()
+        self._check_inputs(x, t)
+        out_dim = self.out_dim or x.shape[-1]
+
+        temb = None
+        if self.time_embedding == "sinusoidal":
+            temb = timestep_embedding(t, self.time_embedding_dim)
+            temb = nn.swish(nn.Dense(self.time_embedding_dim, name="temb_dense")(temb))
+
+        h = x.astype(jnp.float32)
+        for i, width in enumerate(self.features):
+            h = nn.Dense(width, name=f"hidden_{i}")(h)
+            if temb is not None:
+                h = h + nn.Dense(width, name=f"temb_proj_{i}")(temb)
+            h = act(h)
+
+        if not self.per_step_readout:
+            return nn.Dense(out_dim, name="readout")(h)
+        return self._per_step_readout(h, t, out_dim)
+
+    def _per_step_readout(self, h: jax.Array, t: jax.Array, out_dim: int) -> jax.Array:
+        """``h @ W[t] + b[t]`` with W of shape (T, hidden, out) and b of shape (T, out)."""
+        hidden = h.shape[-1]
+        # Each step's matrix is initialised like a plain Dense layer (LeCun normal).
+        kernel_init = nn.initializers.lecun_normal(batch_axis=(0,))
+        kernel = self.param(
+            "readout_kernel", kernel_init, (self.num_timesteps, hidden, out_dim), jnp.float32
+        )
+        bias = self.param(
+            "readout_bias", nn.initializers.zeros, (self.num_timesteps, out_dim), jnp.float32
+        )
+        return jnp.einsum("bh,bho->bo", h, kernel[t]) + bias[t]
+
+    def _check_config(self) -> Callable[[jax.Array], jax.Array]:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"MLP: unknown activation {self.activation!r}; valid: {sorted(ACTIVATIONS)}"
+            )
+        if self.time_embedding not in TIME_EMBEDDINGS:
+            raise ValueError(
+                f"MLP: unknown time_embedding {self.time_embedding!r}; "
+                f"valid: {list(TIME_EMBEDDINGS)}"
+            )
+        if self.time_embedding == "none" and not self.per_step_readout:
+            raise ValueError(
+                "MLP: time_embedding='none' without per_step_readout would ignore t; "
+                "use time_embedding='sinusoidal' or per_step_readout=True"
+            )
+        if not self.features:
+            raise ValueError("MLP: features must name at least one hidden layer")
+        if self.num_timesteps < 1:
+            raise ValueError(f"MLP: num_timesteps must be positive, got {self.num_timesteps}")
+        return ACTIVATIONS[self.activation]
+
+    def _check_inputs(self, x: jax.Array, t: jax.Array) -> None:
+        if jnp.ndim(x) != 2:
+            raise ValueError(f"MLP: x must have shape (B, D), got shape {jnp.shape(x)}")
+        if jnp.shape(t) != (x.shape[0],):
+            raise ValueError(
+                f"MLP: t must have shape (B,) = ({x.shape[0]},), got shape {jnp.shape(t)}"
+            )
+        if not jnp.issubdtype(jnp.result_type(t), jnp.integer):
+            raise ValueError(f"MLP: t must be an integer array, got dtype {jnp.result_type(t)}")
+        t_values = _concrete_or_none(t)
+        if t_values is not None and t_values.size and (
+            t_values.min() < 0 or t_values.max() >= self.num_timesteps
+        ):
+            raise ValueError(
+                f"MLP: t must lie in [0, {self.num_timesteps}), got values in "
+                f"[{t_values.min()}, {t_values.max()}]"
+            )
+
+
+def _concrete_or_none(t: jax.Array) -> np.ndarray | None:
+    """The values of ``t`` when they are known at trace time, else None (inside jit)."""
+    try:
+        return np.asarray(t)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None

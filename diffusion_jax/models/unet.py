@@ -1,0 +1,342 @@
+"""The DDPM U-Net (Ho, Jain and Abbeel 2020, appendix B) as a Flax Linen module.
+
+The architecture follows the authors' TensorFlow code (``diffusion_tf/models/unet.py`` and
+``diffusion_tf/nn.py``) layer for layer, so that the CIFAR-10 configuration has the paper's
+35.7M parameters (35,746,307) and the same initialisation:
+
+- a PixelCNN++-style backbone of wide-ResNet blocks with GroupNorm (32 groups, eps 1e-6)
+  and swish, ``num_res_blocks`` blocks per resolution on the way down and
+  ``num_res_blocks + 1`` on the way up, each up block taking one concatenated skip;
+- single-head self-attention at the resolutions in ``attn_resolutions`` and in the middle;
+- the Transformer sinusoidal timestep embedding, passed through two dense layers and added
+  to every residual block;
+- ``variance_scaling(1, 'fan_avg', 'uniform')`` weights, zero biases, and a scale of 1e-10
+  (DDPM's ``init_scale=0``) for the last layer of every residual branch and the output conv,
+  so that at initialisation every block is close to the identity and the output close to 0.
+
+Images are NHWC. Mixed precision: with ``dtype=jnp.bfloat16`` the parameters stay in
+``param_dtype`` (float32), convolutions and dense layers compute in bfloat16, GroupNorm
+statistics and the attention softmax are computed in float32, and the output is float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+_NUM_GROUPS = 32
+_GROUP_NORM_EPSILON = 1e-6
+# DDPM's ``default_init(scale)`` turns ``init_scale=0`` into 1e-10 (TF's variance_scaling
+# needs a positive scale): these layers start near zero, so each block starts near identity.
+_ZERO_INIT_SCALE = 1e-10
+
+
+def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
+    """DDPM's ``default_init``: ``variance_scaling(scale, 'fan_avg', 'uniform')``."""
+    return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal timestep embedding, DDPM's ``get_timestep_embedding``.
+
+    This is the Transformer position encoding (Vaswani et al. 2017, section 3.5) as DDPM
+    writes it: with ``half = dim // 2`` and frequencies
+    ``f_i = exp(-log(max_period) * i / (half - 1))`` for ``i = 0 .. half-1``, the embedding
+    is ``[sin(t * f_0), ..., sin(t * f_{half-1}), cos(t * f_0), ..., cos(t * f_{half-1})]``,
+    zero-padded by one column when ``dim`` is odd.
+
+    Args:
+      t: timesteps, shape ``(B,)``, any integer or float dtype (cast to float32).
+      dim: embedding width, at least 4 (so that ``half - 1 > 0``).
+      max_period: the longest period; the frequencies span ``[1/max_period, 1]``.
+
+    Returns:
+      float32 array of shape ``(B, dim)``.
+    """
+    if jnp.ndim(t) != 1:
+        raise ValueError(f"timestep_embedding: t must have shape (B,), got shape {jnp.shape(t)}")
+    if dim < 4:
+        raise ValueError(f"timestep_embedding: dim must be at least 4, got {dim}")
+    half = dim // 2
+    exponent = -math.log(max_period) / (half - 1)
+    frequencies = jnp.exp(jnp.arange(half, dtype=jnp.float32) * exponent)
+    angles = jnp.asarray(t, jnp.float32)[:, None] * frequencies[None, :]
+    embedding = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
+    if dim % 2 == 1:
+        embedding = jnp.pad(embedding, ((0, 0), (0, 1)))
+    return embedding
+
+
+class ResnetBlock(nn.Module):
+    """DDPM's ``resnet_block``: a wide-ResNet block conditioned on the time embedding.
+
+    ``h = conv1(swish(norm1(x))) + dense(swish(temb))``, then
+    ``h = conv2(dropout(swish(norm2(h))))`` with ``conv2`` initialised near zero, and the
+    output is ``shortcut(x) + h``, the shortcut a 1x1 projection (DDPM's ``nin``) when the
+    channel count changes.
+
+    Input ``x`` (B, H, W, C_in), ``temb`` (B, E); output (B, H, W, out_ch) in ``dtype``.
+    """
+
+    out_ch: int
+    dropout: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.swish(_group_norm(self, "norm1")(x))
+        h = nn.Conv(self.out_ch, (3, 3), kernel_init=default_init(), name="conv1", **conv)(h)
+        temb_proj = nn.Dense(self.out_ch, kernel_init=default_init(), name="temb_proj", **conv)
+        h = h + temb_proj(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(_group_norm(self, "norm2")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = nn.Conv(
+            self.out_ch, (3, 3), kernel_init=default_init(_ZERO_INIT_SCALE), name="conv2", **conv
+        )(h)
+        if x.shape[-1] != self.out_ch:
+            x = nn.Dense(self.out_ch, kernel_init=default_init(), name="nin_shortcut", **conv)(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """DDPM's ``attn_block``: single-head self-attention over all H*W positions.
+
+    ``q, k, v`` are 1x1 projections of ``GroupNorm(x)``; the weights
+    ``softmax(q k^T / sqrt(C))`` are computed in float32; the output projection is
+    initialised near zero and added to ``x``.
+
+    Input and output (B, H, W, C), output in ``dtype``.
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = _group_norm(self, "norm")(x)
+        q = nn.Dense(channels, kernel_init=default_init(), name="q", **dense)(h)
+        k = nn.Dense(channels, kernel_init=default_init(), name="k", **dense)(h)
+        v = nn.Dense(channels, kernel_init=default_init(), name="v", **dense)(h)
+        q = q.reshape(batch, height * width, channels)
+        k = k.reshape(batch, height * width, channels)
+        v = v.reshape(batch, height * width, channels)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * (channels**-0.5), axis=-1).astype(v.dtype)
+        h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(batch, height, width, channels)
+        h = nn.Dense(
+            channels, kernel_init=default_init(_ZERO_INIT_SCALE), name="proj_out", **dense
+        )(h)
+        return x + h
+
+
+class Downsample(nn.Module):
+    """DDPM's ``downsample``: a 3x3 stride-2 conv ('SAME' padding, as TF), or 2x2 average
+    pooling when ``with_conv`` is False. (B, H, W, C) -> (B, H/2, W/2, C)."""
+
+    with_conv: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not self.with_conv:
+            return nn.avg_pool(x, (2, 2), strides=(2, 2))
+        return nn.Conv(
+            x.shape[-1],
+            (3, 3),
+            strides=(2, 2),
+            kernel_init=default_init(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+
+
+class Upsample(nn.Module):
+    """DDPM's ``upsample``: nearest-neighbour x2, then a 3x3 conv when ``with_conv``.
+    (B, H, W, C) -> (B, 2H, 2W, C)."""
+
+    with_conv: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        # Nearest neighbour as a broadcast and a reshape: no gather, no resize kernel.
+        x = jnp.broadcast_to(
+            x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels)
+        ).reshape(batch, 2 * height, 2 * width, channels)
+        if not self.with_conv:
+            return x
+        return nn.Conv(
+            channels,
+            (3, 3),
+            kernel_init=default_init(),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+
+
+def _group_norm(module: nn.Module, name: str) -> nn.GroupNorm:
+    """GroupNorm as DDPM (tf.contrib group_norm: 32 groups, eps 1e-6), statistics in
+    float32 with the two-pass variance, output in the module's compute dtype."""
+    return nn.GroupNorm(
+        num_groups=_NUM_GROUPS,
+        epsilon=_GROUP_NORM_EPSILON,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+class UNet(nn.Module):
+    """The DDPM noise-prediction network (Ho et al. 2020, appendix B).
+
+    The defaults are the CIFAR-10 model (35,746,307 parameters for 32x32x3 input). For
+    LSUN/CelebA-HQ 256 DDPM uses ``ch_mult=(1, 1, 2, 2, 4, 4)``, ``dropout=0.0``.
+
+    Attributes:
+      ch: base channel count; level ``i`` has ``ch * ch_mult[i]`` channels, the time
+        embedding ``4 * ch``. Every ``ch * ch_mult[i]`` must be divisible by 32 (GroupNorm).
+      ch_mult: channel multiplier per resolution level; ``len(ch_mult) - 1`` downsamplings.
+      num_res_blocks: residual blocks per level on the way down (one more on the way up).
+      attn_resolutions: spatial sizes (height) at which self-attention follows each block.
+      dropout: dropout rate inside the residual blocks, used only when ``train=True``.
+      out_channels: output channels; None means the input's (predicting the noise). Pass
+        ``2 * C`` for a model that also outputs variances (improved DDPM).
+      num_classes: if set, a learned class embedding is added to the time embedding and
+        ``y`` is required.
+      resamp_with_conv: use convs in the down/upsampling layers (DDPM: True).
+      dtype: compute dtype of convs and dense layers (e.g. ``jnp.bfloat16``).
+      param_dtype: dtype of the parameters.
+    """
+
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    dropout: float = 0.1
+    out_channels: int | None = None
+    num_classes: int | None = None
+    resamp_with_conv: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *, train: bool
+    ) -> jax.Array:
+        """Predicts the noise (or mean/x_0 and variances) for a batch of noisy images.
+
+        Args:
+          x: noisy images ``x_t``, shape (B, H, W, C), float; H and W divisible by
+            ``2 ** (len(ch_mult) - 1)``.
+          t: timesteps, int32 of shape (B,).
+          y: class labels, int32 of shape (B,) in ``[0, num_classes)``, only when
+            ``num_classes`` is set (the range is the caller's duty inside ``jit``).
+          train: enables dropout, which then draws from the ``'dropout'`` rng.
+
+        Returns:
+          float32 array of shape (B, H, W, out_channels or C).
+        """
+        self._check_inputs(x, t, y)
+        kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        out_channels = self.out_channels or x.shape[-1]
+
+        temb = timestep_embedding(t, self.ch)
+        temb = nn.Dense(4 * self.ch, kernel_init=default_init(), name="temb_dense0", **kwargs)(
+            temb
+        )
+        temb = nn.Dense(4 * self.ch, kernel_init=default_init(), name="temb_dense1", **kwargs)(
+            nn.swish(temb)
+        )
+        if self.num_classes is not None:
+            temb = temb + nn.Embed(self.num_classes, 4 * self.ch, name="class_embed", **kwargs)(y)
+
+        def resnet_block(h, out_ch, name):
+            return ResnetBlock(out_ch, self.dropout, name=name, **kwargs)(h, temb, train=train)
+
+        # Downsampling: keep every intermediate output as a skip connection.
+        hs = [nn.Conv(self.ch, (3, 3), kernel_init=default_init(), name="conv_in", **kwargs)(x)]
+        for level, mult in enumerate(self.ch_mult):
+            for block in range(self.num_res_blocks):
+                h = resnet_block(hs[-1], self.ch * mult, f"down_{level}_block_{block}")
+                if h.shape[1] in self.attn_resolutions:
+                    h = AttnBlock(name=f"down_{level}_attn_{block}", **kwargs)(h)
+                hs.append(h)
+            if level != len(self.ch_mult) - 1:
+                name = f"down_{level}_downsample"
+                hs.append(Downsample(self.resamp_with_conv, name=name, **kwargs)(hs[-1]))
+
+        # Middle.
+        h = hs[-1]
+        h = resnet_block(h, h.shape[-1], "mid_block_1")
+        h = AttnBlock(name="mid_attn_1", **kwargs)(h)
+        h = resnet_block(h, h.shape[-1], "mid_block_2")
+
+        # Upsampling: num_res_blocks + 1 blocks per level, each consuming one skip.
+        for level in reversed(range(len(self.ch_mult))):
+            for block in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, hs.pop()], axis=-1)
+                h = resnet_block(h, self.ch * self.ch_mult[level], f"up_{level}_block_{block}")
+                if h.shape[1] in self.attn_resolutions:
+                    h = AttnBlock(name=f"up_{level}_attn_{block}", **kwargs)(h)
+            if level != 0:
+                h = Upsample(self.resamp_with_conv, name=f"up_{level}_upsample", **kwargs)(h)
+        assert not hs, "every skip connection must be consumed"
+
+        h = nn.swish(_group_norm(self, "norm_out")(h))
+        h = nn.Conv(
+            out_channels,
+            (3, 3),
+            kernel_init=default_init(_ZERO_INIT_SCALE),
+            name="conv_out",
+            **kwargs,
+        )(h)
+        return h.astype(jnp.float32)
+
+    def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
+        """Static (trace-time) checks of the configuration and the input shapes."""
+        for level, mult in enumerate(self.ch_mult):
+            if (self.ch * mult) % _NUM_GROUPS:
+                raise ValueError(
+                    f"UNet config: ch * ch_mult[{level}] = {self.ch} * {mult} = "
+                    f"{self.ch * mult} channels is not divisible by the {_NUM_GROUPS} "
+                    "GroupNorm groups"
+                )
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"UNet: x must be NHWC (rank 4), got shape {jnp.shape(x)}")
+        batch, height, width, _ = x.shape
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"UNet: height and width must be divisible by 2**(len(ch_mult)-1) = {factor}, "
+                f"got x of shape {x.shape}"
+            )
+        if jnp.shape(t) != (batch,):
+            raise ValueError(f"UNet: t must have shape (B,) = ({batch},), got shape {jnp.shape(t)}")
+        if self.num_classes is None and y is not None:
+            raise ValueError("UNet: y (class labels) given but the model has num_classes=None")
+        if self.num_classes is not None:
+            if y is None:
+                raise ValueError(
+                    f"UNet: y (class labels) is required when num_classes={self.num_classes}"
+                )
+            if jnp.shape(y) != (batch,):
+                raise ValueError(
+                    f"UNet: y must have shape (B,) = ({batch},), got shape {jnp.shape(y)}"
+                )
