@@ -142,10 +142,11 @@ def q_mean_variance(schedule: Schedule, x_start, t):
     """
     shape = jnp.shape(x_start)
     mean = extract(schedule.sqrt_alphas_cumprod, t, shape) * x_start
-    variance = jnp.broadcast_to(extract(1.0 - schedule.alphas_cumprod, t, shape), shape)
+    # exp of the stored log: 1 - alphas_cumprod in float32 cancels where abar is near 1.
     log_variance = jnp.broadcast_to(
         extract(schedule.log_one_minus_alphas_cumprod, t, shape), shape
     )
+    variance = jnp.exp(log_variance)
     return mean, variance, log_variance
 
 
@@ -256,12 +257,14 @@ def split_model_output(model_output, x_t, var_type: str):
     return model_output, None
 
 
-def _fixed_large_variance(schedule: Schedule) -> jax.Array:
+def _fixed_large_log_variance(schedule: Schedule) -> jax.Array:
     # DDPM's "fixedlarge": beta_t, with beta-tilde_1 at t = 0 for a better decoder
     # log-likelihood (improved-diffusion's convention).
     if schedule.num_timesteps == 1:
-        return schedule.betas
-    return jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])
+        return schedule.log_betas
+    return jnp.concatenate(
+        [schedule.posterior_log_variance_clipped[1:2], schedule.log_betas[1:]]
+    )
 
 
 def _variance(schedule: Schedule, var_part, x_t, t, var_type: str):
@@ -270,16 +273,13 @@ def _variance(schedule: Schedule, var_part, x_t, t, var_type: str):
         return jnp.exp(var_part), var_part
     if var_type == "learned_range":
         min_log = extract(schedule.posterior_log_variance_clipped, t, shape)
-        max_log = extract(jnp.log(schedule.betas), t, shape)
+        max_log = extract(schedule.log_betas, t, shape)
         frac = (var_part + 1.0) / 2.0  # the network's [-1, 1] mapped to [0, 1]
         log_variance = frac * max_log + (1.0 - frac) * min_log
         return jnp.exp(log_variance), log_variance
     if var_type == "fixed_large":
-        variance = _fixed_large_variance(schedule)
-        return (
-            jnp.broadcast_to(extract(variance, t, shape), shape),
-            jnp.broadcast_to(extract(jnp.log(variance), t, shape), shape),
-        )
+        log_variance = jnp.broadcast_to(extract(_fixed_large_log_variance(schedule), t, shape), shape)
+        return jnp.exp(log_variance), log_variance
     return (
         jnp.broadcast_to(extract(schedule.posterior_variance, t, shape), shape),
         jnp.broadcast_to(extract(schedule.posterior_log_variance_clipped, t, shape), shape),

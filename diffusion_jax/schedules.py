@@ -128,7 +128,8 @@ class Schedule:
     Every field is a 1-D array of length T indexed by the 0-based timestep t
     (DDPM's step t + 1). With abar = alphas_cumprod:
 
-    - ``alphas = 1 - betas``; ``alphas_cumprod[t] = prod_{s<=t} alphas[s]``;
+    - ``log_betas`` (stored so float32 users need not take the log of a rounded beta);
+      ``alphas = 1 - betas``; ``alphas_cumprod[t] = prod_{s<=t} alphas[s]``;
       ``alphas_cumprod_prev`` has 1 prepended (abar of step t - 1, with abar_{-1} = 1);
       ``alphas_cumprod_next`` has 0 appended (used by deterministic DDIM inversion).
     - ``sqrt_alphas_cumprod``, ``sqrt_one_minus_alphas_cumprod``,
@@ -143,6 +144,7 @@ class Schedule:
     """
 
     betas: jax.Array
+    log_betas: jax.Array
     alphas: jax.Array
     alphas_cumprod: jax.Array
     alphas_cumprod_prev: jax.Array
@@ -206,6 +208,7 @@ def _coefficients(xp, betas) -> dict:
     posterior_log_variance_clipped = xp.log(xp.concatenate([pv1, posterior_variance[1:]]))
     return dict(
         betas=betas,
+        log_betas=xp.log(betas),
         alphas=alphas,
         alphas_cumprod=alphas_cumprod,
         alphas_cumprod_prev=alphas_cumprod_prev,
