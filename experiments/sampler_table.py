@@ -1,0 +1,282 @@
+"""Samplers compared on a 2-D Gaussian mixture whose density is known.
+
+Trains a small time-conditioned MLP with L_simple (DDPM Eq. 14, eps prediction, linear
+schedule, T = 1000) on the 8-component ring mixture of `diffusion_jax.data.toy`
+(radius 1.4, component std 0.1), then samples with
+
+- ancestral sampling over all T = 1000 steps (DDPM Algorithm 2, beta-tilde variances),
+- DDIM (eta = 0) on a respaced schedule of N evenly spaced steps (improved DDPM spec 'N'),
+- DPM-Solver++(2M) with N model evaluations (log-SNR spacing, final denoising step),
+
+for N = 10, 20, 50 (and DPM-Solver++ at 200 steps as the reference for the limit of the
+probability-flow ODE). The same samplers also run on the EXACT noise prediction of the
+mixture (its marginals are Gaussian mixtures in closed form), which separates the
+solvers' error from the network's.
+
+For each: the average TRUE log-density of the samples (nats per example), its relative
+difference to the ancestral chain's, the difference to the data's own average (minus the
+entropy: a sampler matching the data has 0 here; higher than the data means samples
+concentrated on the modes, not better samples), the median, and the sliced
+Wasserstein-1 distance to a fresh data sample of the same size (256 random directions;
+the data-vs-data row is the Monte Carlo floor). Writes markdown tables, a JSON file and a
+scatter plot to ``--outdir``.
+
+Command, from the repository root (or after ``pip install -e .``); about 4 minutes on
+2 CPU cores:
+
+    PYTHONPATH=. python experiments/sampler_table.py --outdir=/tmp/sampler_table
+
+Measured (seed 0, CPU; mean log p in nats, data -0.293; sliced W1 floor 0.017):
+
+    sampler, evals        trained MLP: log p, W1     exact eps: log p, W1
+    ancestral, 1000       -0.257  0.021              -0.227  0.019
+    DDIM, 20              -0.548  0.039              -0.442  0.035
+    DDIM, 50              -0.229  0.023              -0.150  0.019
+    DPM-Solver++, 20      -0.449  0.027              -0.379  0.023
+    DPM-Solver++, 50      -0.346  0.026              -0.319  0.022
+    DPM-Solver++, 200     -0.329  0.025              -0.300  0.022
+
+DPM-Solver++ at 20 steps is NOT within 5 % of the ancestral chain on this metric (-75 %):
+the ancestral chain with beta-tilde variances sits ABOVE the data (samples slightly
+concentrated on the modes), the probability-flow ODE of the trained network converges to
+-0.33 (DPM-Solver++ at 200 steps), not to the ancestral value, and a reference this close
+to 0 makes relative differences large. With the exact eps DPM-Solver++ converges to the
+data's value (-0.38, -0.32, -0.30 at 20, 50, 200 steps), as a consistent ODE solver must.
+DDIM's few-step error concentrates samples on the modes, which raises the mean log p
+(DDIM 50 above the data) while the median and W1 show it is not a better fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.tree_util import Partial
+
+from diffusion_jax import losses, sampling, schedules
+from diffusion_jax.data import toy
+
+STEP_COUNTS = (10, 20, 50)
+
+
+class TimeMLP(nn.Module):
+    """(x_t, t) -> eps: a sinusoidal embedding of t added to every hidden layer (DDPM)."""
+
+    num_timesteps: int
+    hidden: int = 128
+    depth: int = 3
+
+    @nn.compact
+    def __call__(self, x, t):
+        half = 32
+        freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / half)
+        angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
+        temb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+        temb = nn.swish(nn.Dense(self.hidden)(temb))
+        h = nn.Dense(self.hidden)(x)
+        for _ in range(self.depth):
+            h = nn.swish(h + nn.Dense(self.hidden)(temb))
+            h = nn.Dense(self.hidden)(h)
+        return nn.Dense(x.shape[-1])(nn.swish(h))
+
+
+def train(args, schedule, mixture):
+    """Adam + cosine decay on L_simple with fresh mixture samples each step; EMA params."""
+    model = TimeMLP(schedule.num_timesteps)
+    init_key, key = jax.random.split(jax.random.key(args.seed))
+    params = model.init(init_key, jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32))["params"]
+    lr = optax.cosine_decay_schedule(args.lr, args.train_steps, alpha=0.05)
+    optimizer = optax.adam(lr)
+    opt_state = optimizer.init(params)
+    ema = params
+
+    def apply(p, x_t, t):
+        return model.apply({"params": p}, x_t, t)
+
+    @jax.jit
+    def step(params, opt_state, ema, x0, key):
+        t_key, noise_key = jax.random.split(key)
+        t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_timesteps)
+
+        def loss_fn(p):
+            out = losses.training_losses(
+                schedule, Partial(apply, p), x0, t, key=noise_key,
+                mean_type="eps", var_type="fixed_small", loss_type="mse",
+            )
+            return jnp.mean(out["loss"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: args.ema * e + (1 - args.ema) * p, ema, params)
+        return params, opt_state, ema, loss
+
+    rng = np.random.default_rng(args.seed)
+    start, running = time.time(), []
+    for i in range(args.train_steps):
+        x0 = jnp.asarray(mixture.sample(rng, args.batch_size))
+        params, opt_state, ema, loss = step(params, opt_state, ema, x0, jax.random.fold_in(key, i))
+        running.append(loss)
+        if (i + 1) % max(args.train_steps // 5, 1) == 0:
+            print(f"step {i + 1}: L_simple {float(jnp.mean(jnp.stack(running))):.4f} "
+                  f"({time.time() - start:.0f} s)", flush=True)
+            running = []
+    # One function object for every call: the samplers compile once per shape.
+    return Partial(apply, ema)
+
+
+def sliced_wasserstein(a, b, *, num_directions=256, seed=0):
+    """Mean over random unit directions of the 1-D Wasserstein-1 distance of projections."""
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((a.shape[1], num_directions))
+    directions /= np.linalg.norm(directions, axis=0, keepdims=True)
+    pa, pb = np.sort(a @ directions, axis=0), np.sort(b @ directions, axis=0)
+    return float(np.mean(np.abs(pa - pb)))
+
+
+def exact_mixture_eps(means, std, alphas_cumprod, x_t, t):
+    """E[eps | x_t] for an isotropic mixture: x_t ~ sum_k w_k N(sqrt(a) m_k, (a s^2 + 1 - a) I)
+    (equal weights), eps = -sqrt(1 - a) grad log p_t(x_t)."""
+    a = alphas_cumprod[t][:, None, None]  # (B, 1, 1)
+    centres = jnp.sqrt(a) * means[None]  # (B, K, D)
+    var = a * std**2 + 1.0 - a
+    diff = centres - x_t[:, None, :]
+    weights = jax.nn.softmax(-jnp.sum(diff**2, -1, keepdims=True) / (2.0 * var), axis=1)
+    score = jnp.sum(weights * diff / var, axis=1)
+    return -jnp.sqrt(1.0 - alphas_cumprod[t])[:, None] * score
+
+
+def run_samplers(args, schedule, model_fn):
+    """[(sampler, model evaluations, samples float64 (n, 2), seconds)]."""
+    shape = (args.num_samples, 2)
+    kw = dict(mean_type="eps", var_type="fixed_small")
+    key = jax.random.key(args.seed + 1)
+    runs = [("ancestral", schedule.num_timesteps,
+             lambda: sampling.p_sample_loop(schedule, model_fn, shape, key=key, **kw))]
+    for n in STEP_COUNTS:
+        spaced, spaced_model = sampling.respace(schedule, model_fn, str(n))
+        runs.append(("DDIM", n, lambda s=spaced, m=spaced_model: sampling.ddim_sample_loop(
+            s, m, shape, key=key, **kw)))
+    for n in STEP_COUNTS + (200,):
+        runs.append(("DPM-Solver++(2M)", n, lambda n=n: sampling.dpm_solver_pp_sample_loop(
+            schedule, model_fn, shape, num_steps=n, key=key, **kw)))
+    results = []
+    for name, steps, fn in runs:
+        start = time.time()
+        x = np.asarray(jax.block_until_ready(fn()["sample"]), np.float64)
+        results.append((name, steps, x, time.time() - start))
+        print(f"  {name} {steps} steps: {time.time() - start:.1f} s", flush=True)
+    return results
+
+
+def evaluate(results, mixture, data, fresh):
+    """Rows of metrics; the first is the data itself."""
+    rows = [{"sampler": "data (fresh sample)", "steps": 0, "x": data, "seconds": 0.0}]
+    rows += [{"sampler": n, "steps": s, "x": x, "seconds": sec} for n, s, x, sec in results]
+    for row in rows:
+        logp = mixture.log_prob(row["x"])
+        row.update(mean_logp=float(logp.mean()), median_logp=float(np.median(logp)),
+                   sliced_w1=sliced_wasserstein(row["x"], fresh))
+    return rows
+
+
+def table(rows):
+    data_logp, ancestral_logp = rows[0]["mean_logp"], rows[1]["mean_logp"]
+    lines = [
+        "| sampler | model evals | mean log p(x) (nats) | vs ancestral | minus data's | "
+        "median log p | sliced W1 to data | time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        rel = (row["mean_logp"] - ancestral_logp) / abs(ancestral_logp)
+        lines.append(
+            f"| {row['sampler']} | {row['steps']} | {row['mean_logp']:.3f} | "
+            f"{100 * rel:+.1f} % | {row['mean_logp'] - data_logp:+.3f} | "
+            f"{row['median_logp']:.3f} | {row['sliced_w1']:.4f} | {row['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def scatter(path, panel_rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(len(panels) for _, panels in panel_rows)
+    fig, axes = plt.subplots(
+        len(panel_rows), cols, figsize=(2.2 * cols, 2.4 * len(panel_rows)), squeeze=False
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax_row, (label, panels) in zip(axes, panel_rows):
+        for ax, row in zip(ax_row, panels):
+            x = row["x"][:2000]
+            ax.scatter(x[:, 0], x[:, 1], s=0.5, alpha=0.5)
+            title = row["sampler"] + (f" {row['steps']}" if row["steps"] else "")
+            ax.set_title(f"{label}: {title}", fontsize=7)
+            ax.set_xlim(-2.2, 2.2)
+            ax.set_ylim(-2.2, 2.2)
+            ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--outdir", required=True)
+    parser.add_argument("--train_steps", type=int, default=20_000)
+    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--num_timesteps", type=int, default=1000)
+    parser.add_argument("--num_samples", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    outdir = pathlib.Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    mixture = toy.ring_mixture()
+    schedule = schedules.get_schedule("linear", args.num_timesteps)
+    print(f"device: {jax.devices()[0].device_kind}", flush=True)
+    exact = Partial(
+        exact_mixture_eps, jnp.asarray(mixture.means, jnp.float32),
+        float(mixture.stds[0]), schedule.alphas_cumprod,
+    )
+    trained = train(args, schedule, mixture)
+
+    rng = np.random.default_rng(args.seed + 2)
+    fresh = mixture.sample(rng, args.num_samples).astype(np.float64)
+    data = mixture.sample(rng, args.num_samples).astype(np.float64)
+    report, summary, panel_rows = [], {}, []
+    for label, model_fn in [("trained MLP", trained), ("exact eps", exact)]:
+        print(f"sampling with the {label}:", flush=True)
+        rows = evaluate(run_samplers(args, schedule, model_fn), mixture, data, fresh)
+        report.append(f"### {label}\n\n{table(rows)}\n")
+        summary[label] = [{k: v for k, v in row.items() if k != "x"} for row in rows]
+        panel_rows.append((label, rows))
+    header = (
+        f"Ring mixture (8 x N(., 0.1^2 I), radius 1.4); linear schedule T = "
+        f"{args.num_timesteps}; eps-MLP trained {args.train_steps} steps (batch "
+        f"{args.batch_size}); {args.num_samples} samples per row; seed {args.seed}; "
+        f"{jax.devices()[0].device_kind}.\n\n"
+    )
+    text = header + "\n".join(report)
+    print("\n" + text)
+    (outdir / "sampler_table.md").write_text(text)
+    (outdir / "sampler_table.json").write_text(json.dumps(summary, indent=2))
+    scatter(outdir / "samples.png", panel_rows)
+    print(f"wrote {outdir}/sampler_table.md, sampler_table.json, samples.png")
+
+
+if __name__ == "__main__":
+    main()
