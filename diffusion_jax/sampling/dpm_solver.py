@@ -56,7 +56,7 @@ def dpm_solver_timesteps(schedule: Schedule, num_steps: int, *, spacing: str = "
     """The N grid points t_0 = T-1 > ... > t_{N-1} = 0 (0-based steps; see module doc).
 
     ``logsnr``: evenly spaced in lambda = log(sqrt(abar) / sqrt(1 - abar)) between
-    lambda(T-1) and lambda(0) (Lu et al. 2022, Sec. 3.3 / App. D), rounded to steps;
+    lambda(T-1) and lambda(0) (the step-size schedule DPM-Solver recommends), rounded to steps;
     ``time_uniform``: evenly spaced in t. Points that round to the same step are pushed
     apart so the grid is strictly decreasing. Works on traced schedules.
 
@@ -114,7 +114,7 @@ def dpm_solver_pp_step(
     prev_pred_xstart=None,
     t_prev=None,
 ) -> jax.Array:
-    """One DPM-Solver++ update x_t -> x_{t_next} (Lu et al. 2022, Eq. 8 and Algorithm 2).
+    """One DPM-Solver++ update x_t -> x_{t_next} (Lu et al. 2022, Algorithm 2).
 
     First order (DPM-Solver++1, the same as DDIM with eta = 0) without
     ``prev_pred_xstart``; second order (the multistep 2M update) with it, except where
