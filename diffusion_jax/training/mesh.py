@@ -70,10 +70,11 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch_size: int, *, device_count: int, process_count: int) -> int:
     """Checks the global batch against the devices; returns the per-process batch."""
     if global_batch_size <= 0 or global_batch_size % device_count:
+        lower = device_count * max(1, global_batch_size // device_count)
         raise ValueError(
             f"train.batch_size (the global batch) = {global_batch_size} must be a positive "
             f"multiple of the device count {device_count} ({process_count} process(es)); e.g. "
-            f"{device_count * max(1, round(global_batch_size / device_count))}."
+            f"{lower} or {lower + device_count}."
         )
     return global_batch_size // process_count
 

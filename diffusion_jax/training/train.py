@@ -8,7 +8,7 @@ resumed from it, at the same step and with the same data order.
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import signal
 import time
@@ -108,9 +108,12 @@ class _MetricAccumulator:
         self.first_bad = None  # (step, metrics) on device
 
     def add(self, step: int, metrics: dict):
-        self.sums = metrics if self.sums is None else jax.tree.map(jnp.add, self.sums, metrics)
+        ok = metrics["finite"]
+        # Means are over finite steps only (with nan_policy='skip' the others are dropped).
+        kept = {k: jnp.where(ok > 0, v, 0.0) for k, v in metrics.items()}
+        self.sums = kept if self.sums is None else jax.tree.map(jnp.add, self.sums, kept)
         self.count += 1
-        bad_now = metrics["finite"] < 1.0
+        bad_now = ok < 1.0
         if self.first_bad is None:
             self.first_bad = (jnp.where(bad_now, step, -1), metrics)
         else:
@@ -127,7 +130,8 @@ class _MetricAccumulator:
             return
         bad_step, metrics = jax.device_get(self.first_bad)
         if bad_step >= 0:
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k != "finite")
+            names = ["loss", "grad_norm"] + sorted(set(metrics) - {"loss", "grad_norm", "finite"})
+            detail = ", ".join(f"{k}={float(metrics[k]):.4g}" for k in names)
             raise NonFiniteLossError(
                 f"Non-finite loss or gradient at step {int(bad_step) + 1} ({detail}). The run "
                 "stopped; the last checkpoint before it is intact. Lower optim.lr, check the "
@@ -136,7 +140,10 @@ class _MetricAccumulator:
 
     def means(self) -> dict[str, float]:
         sums = jax.device_get(self.sums)
-        return {k: float(v) / self.count for k, v in sums.items() if k != "finite"}
+        finite_steps = float(sums["finite"])
+        out = {k: float(v) / max(finite_steps, 1.0) for k, v in sums.items() if k != "finite"}
+        out["nonfinite_steps"] = self.count - finite_steps
+        return out
 
 
 def _init_state(model, optimizer, info, config, key, replicated) -> TrainState:
@@ -240,8 +247,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
                 done = step + 1
                 is_last = done == num_steps
                 preempted = preemption.any_process_requested(done)
+                stop_on_nan = config.train.nan_policy == "stop"
                 if done % config.train.log_every == 0 or is_last or preempted:
-                    acc.check_finite()
+                    if stop_on_nan:
+                        acc.check_finite()
                     now = time.time()
                     steps_per_sec = (done - last_log_step) / max(now - last_log_time, 1e-9)
                     scalars = acc.means() | {
@@ -254,12 +263,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
                     acc.reset()
                     last_log_time, last_log_step = now, done
                 if done % config.train.checkpoint_every == 0 or is_last or preempted:
-                    acc.check_finite()
+                    if stop_on_nan:
+                        acc.check_finite()
                     ckpt.save(done, state, force=True)
                     saved_step = done
                 if config.train.sample_every and (done % config.train.sample_every == 0 or is_last):
                     _write_samples(model, state, schedule, config, sample_key, info, done,
-                                   metric_writer)
+                                   metric_writer, data_sharding)
                 if preempted:
                     logging.warning("Saved step %d after SIGTERM; exiting.", done)
                     break
@@ -271,18 +281,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
     return state
 
 
-def _write_samples(model, state, schedule, config, key, info, step, metric_writer):
+def _write_samples(model, state, schedule, config, key, info, step, metric_writer, sharding):
     if info.kind != "image":
         return
-    labels = None
     num = config.sample.num_samples
+    devices = sharding.mesh.size
+    padded = -(-num // devices) * devices  # split evenly over the mesh, trim afterwards
+    labels = None
     if config.model.get("num_classes") is not None:
-        labels = jnp.arange(num, dtype=jnp.int32) % config.model.num_classes
-    images = sample_images(
-        model, state.ema_params, schedule, config, jax.random.fold_in(key, step),
-        num_samples=num, shape=info.shape, labels=labels,
-    )
-    images = multihost_utils.process_allgather(images, tiled=True)
+        labels = jnp.arange(padded, dtype=jnp.int32) % config.model.num_classes
+
+    # Sharding the samples over the mesh splits the work; replicated inputs alone would
+    # make every device compute the whole chain.
+    @functools.partial(jax.jit, out_shardings=sharding)
+    def draw(params, key):
+        return sample_images(model, params, schedule, config, key, num_samples=padded,
+                             shape=info.shape, labels=labels)
+
+    images = draw(state.ema_params, jax.random.fold_in(key, step))
+    images = multihost_utils.process_allgather(images, tiled=True)[:num]
     grid = writer.image_grid(images, upscale=config.sample.grid_upscale)
     path = metric_writer.write_image(step, "ema_samples", grid)
     if path is not None:

@@ -26,7 +26,8 @@ def image_grid(images, *, ncols: int | None = None, upscale: int = 1, pad: int =
     pixels = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
     pixels = pixels.repeat(upscale, axis=1).repeat(upscale, axis=2)
     h, w = h * upscale, w * upscale
-    grid = np.zeros((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), np.uint8)
+    # Mid-grey separators: visible between images with black backgrounds.
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 128, np.uint8)
     for i in range(n):
         r, col = divmod(i, ncols)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = pixels[i]

@@ -1,0 +1,115 @@
+"""launch.py end to end, in subprocesses: train, resume, two hosts on localhost, bad flags."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "tests" / "configs" / "toy_mlp.py")
+
+
+def launch(*args, devices=8, timeout=600, extra_env=None, check=True):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update(extra_env or {})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def restore_params(workdir, step):
+    manager = ocp.CheckpointManager(
+        pathlib.Path(workdir) / "checkpoints", item_handlers=ocp.StandardCheckpointHandler()
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        manager.item_metadata(step).tree,
+    )
+    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    manager.close()
+    return jax.tree.map(np.asarray, restored["params"])
+
+
+def test_tiny_cifar_on_mocked_data_trains_writes_and_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    args = [f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
+            f"--workdir={workdir}"]
+    launch(*args, "--config.train.num_steps=3")
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+    assert (workdir / "samples" / "ema_samples_00000003.png").exists()
+    assert list((workdir / "tensorboard").iterdir())
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 3]
+    assert {"loss", "mse", "vb", "grad_norm", "steps_per_sec", "images_per_sec", "eta_hours"} <= set(lines[0])
+    assert json.loads((workdir / "config.json").read_text())["data"]["name"] == "cifar10"
+
+    proc = launch(*args, "--config.train.num_steps=6")
+    assert "Resumed from step 3" in proc.stderr
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 3, 4, 6]
+    assert (workdir / "samples" / "ema_samples_00000006.png").exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Two processes x 2 CPU devices train like one process x 4 devices on the same global
+    batch; only process 0 writes logs. Tolerance: all-reduce order, 1e-6 absolute."""
+    port = _free_port()
+    common = [f"--config={TOY}", "--config.train.batch_size=8", "--config.train.num_steps=4"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "launch.py"), *common, f"--workdir={tmp_path / 'multi'}",
+             f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert "Process 1 of 2" in outs[1][1]
+    launch(*common, f"--workdir={tmp_path / 'single'}", devices=4)
+
+    multi, single = restore_params(tmp_path / "multi", 4), restore_params(tmp_path / "single", 4)
+    for a, b in zip(jax.tree.leaves(multi), jax.tree.leaves(single)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    # One writer: each logged step appears once, one TensorBoard event file.
+    steps = [json.loads(x)["step"] for x in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    assert len(list((tmp_path / "multi" / "tensorboard").iterdir())) == 1
+
+
+@pytest.mark.parametrize(
+    "flag, match",
+    [
+        ("--config.optim.lrr=0.1", "lrr"),
+        ("--config.train.batch_size=abc", "batch_size"),
+        ("--config.train.batch_size=12", "multiple of the device count 8"),
+        ("--config.diffusion.loss_type=l1", "loss_type 'l1'"),
+    ],
+)
+def test_bad_flags_exit_nonzero_with_a_message(flag, match, tmp_path):
+    proc = launch(f"--config={TOY}", f"--workdir={tmp_path}", flag, check=False)
+    assert proc.returncode != 0
+    assert match in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
