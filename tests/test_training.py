@@ -4,13 +4,12 @@ import importlib.util
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import data, schedules
-from diffusion_jax.training import checkpoint, mesh as mesh_lib, setup, step as step_lib, train
+from diffusion_jax import data
+from diffusion_jax.training import checkpoint, mesh as mesh_lib, objectives, setup, step as step_lib, train
 from diffusion_jax.training.state import TrainState, make_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -49,18 +48,13 @@ def test_one_step_on_8_devices_equals_one_device():
     # A one-level U-Net: data parallelism does not depend on depth, compile time does.
     config.model.ch_mult = (1,)
     config.model.attn_resolutions = ()
-    info = data.dataset_info(config.data)
-    model = setup.create_model(config, info)
-    sched = schedules.get_schedule("linear", 50)
+    objective = objectives.create_objective(config, data.dataset_info(config.data))
     optimizer = make_optimizer(config.optim)
-    params = jax.jit(model.init, static_argnames="train")(
-        jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32), train=False
-    )["params"]
+    params = jax.jit(objective.init)(jax.random.key(0))
     batch = next(data.create_data_iterator(
         config.data, per_process_batch=8, seed=0, start_step=0, process_index=0, process_count=1))
     step_fn = step_lib.make_train_step(
-        model=model, schedule=sched, optimizer=optimizer, root_key=jax.random.key(1),
-        mean_type="eps", var_type="fixed_large", loss_type="mse", ema_decay=0.9,
+        loss_fn=objective.loss, optimizer=optimizer, root_key=jax.random.key(1), ema_decay=0.9
     )
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
@@ -140,6 +134,7 @@ def test_unwritable_workdir(tmp_path):
         ("diffusion", "var_type", "learned", r"'mse' cannot train var_type 'learned'"),
         ("diffusion", "schedule", "quadratic", r"diffusion.schedule 'quadratic'.*'linear'"),
         ("model", "name", "resnet", r"model.name 'resnet'.*\['unet', 'mlp'\]"),
+        (None, "objective", "gan", r"objective 'gan'.*\['ddpm'"),
         ("train", "nan_policy", "ignore", r"train.nan_policy 'ignore'.*\['stop', 'skip'\]"),
         ("train", "num_steps", 0, r"train.num_steps must be a positive int; got 0"),
         ("optim", "ema_decay", 1.0, r"optim.ema_decay must lie in \[0, 1\)"),
@@ -147,7 +142,7 @@ def test_unwritable_workdir(tmp_path):
 )
 def test_contradictory_or_invalid_settings(section, field, value, match, tmp_path):
     config = toy_config()
-    config[section][field] = value
+    (config[section] if section else config)[field] = value
     with pytest.raises(ValueError, match=match):
         train.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()

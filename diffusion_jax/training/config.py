@@ -3,6 +3,7 @@
 Fields (``ml_collections.ConfigDict``; ``launch.py`` locks it, so a misspelt override
 fails):
 
+- ``objective``: what is trained ('ddpm'; see `objectives.OBJECTIVES`).
 - ``seed``: the root of every random stream (init, t and noise per step, data order).
 - ``data``: see `diffusion_jax.data.pipeline` (name, split, data_dir, random_flip,
   image_size, resize, mock, mock_num_examples, prefetch).
@@ -29,6 +30,7 @@ from ml_collections import config_dict
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.objective = "ddpm"
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "cifar10"

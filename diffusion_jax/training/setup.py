@@ -28,19 +28,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     Raises:
       ValueError: naming the field(s), the value found and what is valid.
     """
+    from diffusion_jax.training.objectives import OBJECTIVES
+
+    gaussian.check_choice("objective", config.objective, tuple(OBJECTIVES))
+    gaussian.check_choice("train.nan_policy", config.train.nan_policy, NAN_POLICIES)
+    for name in ("train.batch_size", "train.num_steps", "train.log_every",
+                 "train.checkpoint_every", "train.keep_checkpoints", "sample.num_samples"):
+        section, field = name.split(".")
+        _require_positive_int(name, config[section][field])
+    if not 0.0 <= config.optim.ema_decay < 1.0:
+        raise ValueError(f"optim.ema_decay must lie in [0, 1); got {config.optim.ema_decay}.")
+    if config.objective == "ddpm":
+        _validate_ddpm(config)
+
+
+def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
     d = config.diffusion
     losses.check_loss_config(mean_type=d.mean_type, var_type=d.var_type, loss_type=d.loss_type)
     gaussian.check_choice("diffusion.schedule", d.schedule, tuple(schedules.SCHEDULES))
     gaussian.check_choice("diffusion.decoder_type", d.decoder_type, losses.DECODER_TYPES)
     gaussian.check_choice("model.name", config.model.name, MODEL_NAMES)
     gaussian.check_choice("model.dtype", config.model.dtype, tuple(DTYPES))
-    gaussian.check_choice("train.nan_policy", config.train.nan_policy, NAN_POLICIES)
     gaussian.check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
-    for name in ("train.batch_size", "train.num_steps", "train.log_every",
-                 "train.checkpoint_every", "train.keep_checkpoints", "diffusion.num_timesteps",
-                 "sample.num_samples"):
-        section, field = name.split(".")
-        _require_positive_int(name, config[section][field])
+    _require_positive_int("diffusion.num_timesteps", d.num_timesteps)
     steps = config.sample.num_steps
     if config.sample.sampler != "ancestral" and not (
         isinstance(steps, int) and 0 < steps <= d.num_timesteps
@@ -49,8 +59,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"sample.num_steps must be an int in [1, diffusion.num_timesteps = "
             f"{d.num_timesteps}] for sampler {config.sample.sampler!r}; got {steps!r}."
         )
-    if not 0.0 <= config.optim.ema_decay < 1.0:
-        raise ValueError(f"optim.ema_decay must lie in [0, 1); got {config.optim.ema_decay}.")
 
 
 def create_model(config: ml_collections.ConfigDict, info) -> nn.Module:

@@ -8,7 +8,6 @@ resumed from it, at the same step and with the same data order.
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import time
@@ -19,9 +18,9 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from diffusion_jax import data, schedules
-from diffusion_jax.training import checkpoint, mesh as mesh_lib, step as step_lib, writer
-from diffusion_jax.training.setup import create_model, validate_config
+from diffusion_jax import data
+from diffusion_jax.training import checkpoint, mesh as mesh_lib, objectives, step as step_lib, writer
+from diffusion_jax.training.setup import validate_config
 from diffusion_jax.training.state import TrainState, make_optimizer
 
 __all__ = ["NonFiniteLossError", "prepare_workdir", "train_and_evaluate"]
@@ -146,40 +145,6 @@ class _MetricAccumulator:
         return out
 
 
-def _init_state(model, optimizer, info, config, key, replicated) -> TrainState:
-    shape = (1,) + tuple(info.shape)
-    x = jnp.zeros(shape, jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    args = (x, t) if config.model.get("num_classes") is None else (x, t, jnp.zeros((1,), jnp.int32))
-
-    def init(key):
-        params = model.init({"params": key}, *args, train=False)["params"]
-        return TrainState.create(params, optimizer)
-
-    return jax.jit(init, out_shardings=replicated)(key)
-
-
-def sample_images(model, params, schedule, config, key, *, num_samples: int, shape, labels=None):
-    """EMA samples for the training grid, with the configured sampler (whole chain in one
-    jit; see `diffusion_jax.sampling`)."""
-    from diffusion_jax import sampling
-
-    model_fn = jax.tree_util.Partial(
-        lambda params, x, t: step_lib.model_fn_for(model, params, labels=labels)(x, t), params
-    )
-    return sampling.sample(
-        schedule,
-        model_fn,
-        (num_samples,) + tuple(shape),
-        key=key,
-        sampler=config.sample.sampler,
-        num_steps=config.sample.num_steps,
-        mean_type=config.diffusion.mean_type,
-        var_type=config.diffusion.var_type,
-        clip_denoised=config.sample.clip_denoised,
-    )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState:
     """Trains (or resumes) the model of ``config`` in ``workdir``; returns the final state.
 
@@ -195,13 +160,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
         config.train.batch_size, device_count=jax.device_count(), process_count=process_count
     )
     info = data.dataset_info(config.data)
-    schedule = schedules.get_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    model = create_model(config, info)
+    objective = objectives.create_objective(config, info)
     optimizer = make_optimizer(config.optim)
     root_key = jax.random.key(config.seed)
     init_key, train_key, sample_key = jax.random.split(root_key, 3)
 
-    state = _init_state(model, optimizer, info, config, init_key, replicated)
+    state = jax.jit(
+        lambda key: TrainState.create(objective.init(key), optimizer), out_shardings=replicated
+    )(init_key)
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints
     )
@@ -211,17 +177,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
     start_step = int(state.step)
     _record_config(workdir, config, start_step)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("Model: %s with %d parameters; %d devices, %d processes.",
-                 config.model.name, num_params, jax.device_count(), process_count)
+    logging.info("Objective %s, model %s with %d parameters; %d devices, %d processes.",
+                 config.objective, config.model.name, num_params, jax.device_count(),
+                 process_count)
 
     train_step = jax.jit(
         step_lib.make_train_step(
-            model=model, schedule=schedule, optimizer=optimizer, root_key=train_key,
-            mean_type=config.diffusion.mean_type, var_type=config.diffusion.var_type,
-            loss_type=config.diffusion.loss_type, ema_decay=config.optim.ema_decay,
-            ema_warmup=config.optim.ema_warmup,
-            class_conditional=config.model.get("num_classes") is not None,
-            nan_policy=config.train.nan_policy, decoder_type=config.diffusion.decoder_type,
+            loss_fn=objective.loss, optimizer=optimizer, root_key=train_key,
+            ema_decay=config.optim.ema_decay, ema_warmup=config.optim.ema_warmup,
+            nan_policy=config.train.nan_policy,
         ),
         in_shardings=(replicated, data_sharding),
         out_shardings=(replicated, replicated),
@@ -267,9 +231,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
                         acc.check_finite()
                     ckpt.save(done, state, force=True)
                     saved_step = done
-                if config.train.sample_every and (done % config.train.sample_every == 0 or is_last):
-                    _write_samples(model, state, schedule, config, sample_key, info, done,
-                                   metric_writer, data_sharding)
+                if objective.sample is not None and config.train.sample_every and (
+                    done % config.train.sample_every == 0 or is_last
+                ):
+                    _write_samples(objective, state, config, sample_key, done, metric_writer,
+                                   data_sharding)
                 if preempted:
                     logging.warning("Saved step %d after SIGTERM; exiting.", done)
                     break
@@ -281,23 +247,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
     return state
 
 
-def _write_samples(model, state, schedule, config, key, info, step, metric_writer, sharding):
-    if info.kind != "image":
-        return
+def _write_samples(objective, state, config, key, step, metric_writer, sharding):
     num = config.sample.num_samples
-    devices = sharding.mesh.size
-    padded = -(-num // devices) * devices  # split evenly over the mesh, trim afterwards
-    labels = None
-    if config.model.get("num_classes") is not None:
-        labels = jnp.arange(padded, dtype=jnp.int32) % config.model.num_classes
-
+    padded = -(-num // sharding.mesh.size) * sharding.mesh.size  # even split, trim after
     # Sharding the samples over the mesh splits the work; replicated inputs alone would
     # make every device compute the whole chain.
-    @functools.partial(jax.jit, out_shardings=sharding)
-    def draw(params, key):
-        return sample_images(model, params, schedule, config, key, num_samples=padded,
-                             shape=info.shape, labels=labels)
-
+    draw = jax.jit(lambda params, key: objective.sample(params, key, padded), out_shardings=sharding)
     images = draw(state.ema_params, jax.random.fold_in(key, step))
     images = multihost_utils.process_allgather(images, tiled=True)[:num]
     grid = writer.image_grid(images, upscale=config.sample.grid_upscale)
