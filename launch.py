@@ -2,6 +2,9 @@ r"""Entry point: train, sample or evaluate a diffusion model from a config file.
 
   python launch.py --config=configs/digits.py --workdir=runs/digits
   python launch.py --config=configs/ddpm_cifar.py --workdir=DIR --config.optim.lr=1e-4
+  python launch.py --config=configs/digits.py --workdir=runs/digits --mode=sample \
+      --config.sample.sampler=ddim --config.sample.num_steps=50
+  python launch.py --config=configs/digits.py --workdir=runs/digits --mode=eval
 
 Multi-host (each process runs the same command with its own --process_id):
   python launch.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
@@ -22,7 +25,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "sample", "eval"],
+    "train: train or resume; sample: draw config.sample.num_samples samples from the latest "
+    "checkpoint's EMA parameters; eval: test-set bits/dim of the latest checkpoint.",
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() and let JAX find the cluster."
 )
@@ -47,10 +54,15 @@ def main(argv):
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value, auto=_DISTRIBUTED.value,
     )
-    from diffusion_jax.training import train
+    from diffusion_jax.training import evaluate, train
 
+    run = {
+        "train": train.train_and_evaluate,
+        "sample": evaluate.sample_from_checkpoint,
+        "eval": evaluate.evaluate_checkpoint,
+    }[_MODE.value]
     try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        run(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         logging.error("%s: %s", type(e).__name__, e)
         print(f"error: {e}", file=sys.stderr)

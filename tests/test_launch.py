@@ -12,6 +12,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from diffusion_jax.training import evaluate
+from tests.test_training import tiny_cifar_config
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOY = str(ROOT / "tests" / "configs" / "toy_mlp.py")
 
@@ -62,6 +65,37 @@ def test_tiny_cifar_on_mocked_data_trains_writes_and_resumes(tmp_path):
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 3, 4, 6]
     assert (workdir / "samples" / "ema_samples_00000006.png").exists()
+
+    # --mode=sample: EMA samples of the latest checkpoint, as .npz + PNG, never overwritten.
+    sample_flags = ["--config.sample.sampler=ddim", "--config.sample.num_steps=10",
+                    "--config.sample.num_samples=12"]
+    launch(*args, "--mode=sample", *sample_flags)
+    # A second draw (here in-process, to save a start-up) goes to a new file.
+    config = tiny_cifar_config()
+    config.sample.sampler, config.sample.num_steps, config.sample.num_samples = "ddim", 10, 12
+    evaluate.sample_from_checkpoint(config, workdir)
+    first = np.load(workdir / "samples" / "ddim_10_step6.npz")
+    assert first["samples"].shape == (12, 32, 32, 3) and first["images"].dtype == np.uint8
+    assert np.abs(first["samples"]).max() <= 1.0
+    second = np.load(workdir / "samples" / "ddim_10_step6_1.npz")
+    np.testing.assert_array_equal(first["samples"], second["samples"])  # same key, same draw
+    assert (workdir / "samples" / "ddim_10_step6.png").exists()
+
+    # --mode=eval: test-set bits/dim with a standard error, appended to metrics.jsonl.
+    launch(*args, "--mode=eval", "--config.eval.iw_samples=2")
+    result = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result["step"] == 6 and result["eval/num_examples"] == 16
+    assert 0 < result["eval/total_bpd"] < 20 and result["eval/total_bpd_stderr"] > 0
+    # The importance-weighted estimate is the tighter bound on the same trajectories.
+    assert result["eval/iw_bpd"] <= result["eval/iw_elbo_bpd"] + 1e-6
+
+
+def test_sample_and_eval_need_a_checkpoint(tmp_path):
+    for mode in ("sample", "eval"):
+        proc = launch(f"--config={TOY}", f"--workdir={tmp_path}", f"--mode={mode}", check=False)
+        assert proc.returncode != 0
+        assert "No checkpoint in" in proc.stderr and "Train first with --mode=train" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def _free_port():

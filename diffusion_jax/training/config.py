@@ -18,7 +18,10 @@ fails):
   checkpoint_every, keep_checkpoints, sample_every (0: no sample grids),
   nan_policy ('stop' | 'skip').
 - ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, num_samples,
-  clip_denoised, grid_upscale.
+  clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call).
+- ``eval`` (``--mode=eval``): split, num_examples (rounded down to whole global batches),
+  batch_size (global), iw_samples (K of the importance-weighted estimate; 0 = off),
+  clip_denoised.
 """
 
 from __future__ import annotations
@@ -90,6 +93,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.num_samples = 64
     c.sample.clip_denoised = True
     c.sample.grid_upscale = 1
+    c.sample.batch_size = 256
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "test"
+    c.eval.num_examples = 10_000
+    c.eval.batch_size = 256
+    c.eval.iw_samples = 0
+    c.eval.clip_denoised = True
+
     return c
 
 
@@ -111,5 +123,8 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.train.sample_every = 6
     c.sample.num_steps = 50
     c.sample.num_samples = 8
+    c.sample.batch_size = 8
+    c.eval.num_examples = 16
+    c.eval.batch_size = 8
     c.data.mock_num_examples = 64
     return c

@@ -5,7 +5,9 @@ An `Objective` bundles three pure functions built from the config:
 - ``init(key) -> params``: the trainable parameters (any pytree);
 - ``loss(params, batch, key) -> (loss, metrics)``: the scalar to minimise for one batch
   and a dict of scalar metrics (batch means), with all randomness drawn from ``key``;
-- ``sample(params, key, num) -> samples`` (optional): ``num`` samples for the grids.
+- ``sample(params, key, num) -> samples`` (optional): ``num`` samples for the grids;
+- ``evaluate(params, batch, key) -> dict`` (optional): per-example evaluation values of
+  shape (B,) for ``--mode=eval`` (bits/dim of the bound, importance-weighted estimates).
 
 The train step (`step.make_train_step`) only sees these, so new model families (e.g. the
 2015 paper's learned-schedule models) plug in by adding a factory to `OBJECTIVES`.
@@ -33,6 +35,7 @@ class Objective:
     init: Callable[[jax.Array], Any]
     loss: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
     sample: Callable[[Any, jax.Array, int], jax.Array] | None = None
+    evaluate: Callable[[Any, dict, jax.Array], dict] | None = None
 
 
 def data_key(batch: dict) -> str:
@@ -101,7 +104,34 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
             clip_denoised=config.sample.clip_denoised,
         )
 
-    return Objective(init=init, loss=loss, sample=sample if info.kind == "image" else None)
+    def evaluate(params, batch, key):
+        from diffusion_jax import likelihood
+
+        x_start = batch[data_key(batch)]
+        labels = batch.get("label") if class_conditional else None
+        model_fn = jax.tree_util.Partial(
+            lambda params, x, t: model_fn_for(model, params, labels=labels)(x, t), params
+        )
+        kw = dict(mean_type=d.mean_type, var_type=d.var_type,
+                  clip_denoised=config.eval.clip_denoised, decoder_type=d.decoder_type)
+        bound_key, iw_key = jax.random.split(key)
+        out = likelihood.calc_bpd_loop(schedule, model_fn, x_start, key=bound_key, **kw)
+        values = {
+            "total_bpd": out["total_bpd"],
+            "prior_bpd": out["prior_bpd"],
+            "decoder_bpd": out["vb"][:, 0],
+        }
+        if config.eval.iw_samples > 0:
+            iw = likelihood.importance_weighted_log_likelihood(
+                schedule, model_fn, x_start, key=iw_key, num_samples=config.eval.iw_samples, **kw
+            )
+            values["iw_bpd"] = iw["iw_bpd"]
+            values["iw_elbo_bpd"] = iw["elbo_bpd"]
+        return values
+
+    return Objective(
+        init=init, loss=loss, sample=sample if info.kind == "image" else None, evaluate=evaluate
+    )
 
 
 OBJECTIVES: dict[str, Callable[[ml_collections.ConfigDict, Any], Objective]] = {
