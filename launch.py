@@ -36,6 +36,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100,
+    "Multi-process: a process silent this long is declared dead; the others stop with an "
+    "error instead of hanging.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,6 +58,7 @@ def main(argv):
     mesh.initialize_distributed(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value, auto=_DISTRIBUTED.value,
+        heartbeat_timeout_seconds=_HEARTBEAT.value,
     )
     from diffusion_jax.training import evaluate, train
 
@@ -63,7 +69,7 @@ def main(argv):
     }[_MODE.value]
     try:
         run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         logging.error("%s: %s", type(e).__name__, e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

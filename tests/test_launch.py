@@ -9,41 +9,15 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from diffusion_jax.training import evaluate
-from tests.test_training import tiny_cifar_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOY = str(ROOT / "tests" / "configs" / "toy_mlp.py")
-
-
-def launch(*args, devices=8, timeout=600, extra_env=None, check=True):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env.update(extra_env or {})
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+from helpers import ROOT, TOY, launch, restore_tree, tiny_cifar_config
 
 
 def restore_params(workdir, step):
-    manager = ocp.CheckpointManager(
-        pathlib.Path(workdir) / "checkpoints", item_handlers=ocp.StandardCheckpointHandler()
-    )
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        manager.item_metadata(step).tree,
-    )
-    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    manager.close()
-    return jax.tree.map(np.asarray, restored["params"])
+    return restore_tree(workdir, step)["params"]
 
 
 def test_tiny_cifar_on_mocked_data_trains_writes_and_resumes(tmp_path):

@@ -1,8 +1,5 @@
 """The training system in-process: data-parallel equivalence, exact resume, bad input."""
 
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
 import pytest
@@ -12,25 +9,7 @@ from diffusion_jax import data
 from diffusion_jax.training import checkpoint, mesh as mesh_lib, objectives, setup, step as step_lib, train
 from diffusion_jax.training.state import TrainState, make_optimizer
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_config(path, variant=None):
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
-def toy_config():
-    return load_config(ROOT / "tests" / "configs" / "toy_mlp.py")
-
-
-def tiny_cifar_config():
-    config = load_config(ROOT / "configs" / "ddpm_cifar.py", "tiny")
-    config.data.mock = True
-    config.train.sample_every = 0
-    return config
+from helpers import tiny_cifar_config, toy_config
 
 
 def _params(state):

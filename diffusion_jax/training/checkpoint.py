@@ -7,17 +7,31 @@ the checkpoint directory is changed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["Checkpointer", "IncompatibleCheckpointError"]
+__all__ = [
+    "CheckpointWriteError",
+    "Checkpointer",
+    "IncompatibleCheckpointError",
+    "NoUsableCheckpointError",
+]
 
 
 class IncompatibleCheckpointError(ValueError):
     """The checkpoint in the workdir was written by a model of other shapes."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
+
+
+class NoUsableCheckpointError(FileNotFoundError):
+    """Every checkpoint in the directory is damaged; none was changed."""
 
 
 def _path_str(path) -> str:
@@ -40,6 +54,7 @@ class Checkpointer:
 
     def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = epath.Path(directory)
+        self.damaged_steps: list[int] = []
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
@@ -57,9 +72,14 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def check_compatible(self, step: int, template) -> None:
-        """Raises IncompatibleCheckpointError if the saved params differ from ``template``'s."""
+        """Raises IncompatibleCheckpointError if the saved params differ from ``template``'s.
+
+        A checkpoint whose metadata is missing is not judged here (its restore will tell).
+        """
         saved = self._manager.item_metadata(step)
         saved_tree = getattr(saved, "tree", saved)
+        if saved_tree is None:
+            return
         saved_params = saved_tree["params"] if isinstance(saved_tree, dict) else saved_tree.params
         want, have = _shapes(template.params), _shapes(saved_params)
         where = f"{self.directory}/{step}"
@@ -73,22 +93,104 @@ class Checkpointer:
                 )
 
     def restore(self, template, step: int | None = None):
-        """Restores ``step`` (default: latest) with ``template``'s structure and shardings."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Restores ``step`` with ``template``'s structure and shardings.
+
+        Without ``step``: the newest checkpoint that can be read. A damaged one (unreadable
+        metadata or data) is reported in the log and skipped in favour of the next older
+        one; it is not modified. Use `set_aside` to move damaged ones out of the way.
+
+        Raises:
+          FileNotFoundError: no checkpoint at all.
+          IncompatibleCheckpointError: a readable checkpoint of other parameter shapes.
+          NoUsableCheckpointError: checkpoints exist but none can be read.
+        """
+        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-        self.check_compatible(step, template)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-        logging.info("Restoring checkpoint %s/%d.", self.directory, step)
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        self.damaged_steps = []
+        for candidate in steps:
+            try:
+                self.check_compatible(candidate, template)
+                restored = self._manager.restore(
+                    candidate, args=ocp.args.StandardRestore(abstract)
+                )
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+                logging.error(
+                    "Checkpoint %s/%d cannot be read (%s: %s); it is left as it is and an "
+                    "older checkpoint is tried.", self.directory, candidate, type(e).__name__,
+                    str(e)[:300],
+                )
+                self.damaged_steps.append(candidate)
+                continue
+            if self.damaged_steps:
+                logging.warning(
+                    "Resuming from step %d: newer checkpoint(s) %s are damaged.", candidate,
+                    self.damaged_steps,
+                )
+            return restored
+        raise NoUsableCheckpointError(
+            f"No usable checkpoint in {self.directory}: step(s) {self.damaged_steps} cannot be "
+            "read (see the log for each error). Nothing was deleted or changed. Move them "
+            "away (or use another --workdir) to start from scratch, or set "
+            "train.restart_if_unreadable=True to set them aside and start over."
+        )
+
+    def set_aside(self, steps) -> list[epath.Path]:
+        """Moves the given step directories to ``<directory>_damaged/`` (nothing is deleted),
+        so new saves of those step numbers cannot collide with them. Process 0 moves; all
+        processes then wait for each other."""
+        moved = []
+        if jax.process_index() == 0:
+            target_root = self.directory.parent / f"{self.directory.name}_damaged"
+            target_root.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                source = self.directory / str(step)
+                target = target_root / str(step)
+                suffix = 0
+                while target.exists():
+                    suffix += 1
+                    target = target_root / f"{step}.{suffix}"
+                source.rename(target)
+                logging.warning("Moved the damaged checkpoint %s to %s.", source, target)
+                moved.append(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoints set aside")
+        self._manager.reload()
+        return moved
 
     def save(self, step: int, state, *, force: bool = False) -> bool:
-        """Starts an asynchronous save of ``state`` as ``step``; returns whether it saved."""
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        """Starts an asynchronous save of ``state`` as ``step``; returns whether it saved.
+
+        Raises:
+          CheckpointWriteError: this save, or an earlier asynchronous one, failed to write.
+        """
+        with self._write_errors(step):
+            return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are committed."""
-        self._manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are committed (CheckpointWriteError if
+        one failed)."""
+        with self._write_errors(None):
+            self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _write_errors(self, step):
+        try:
+            yield
+        except OSError as e:
+            good = [s for s in self.all_steps() if s != step]
+            raise CheckpointWriteError(
+                e.errno,
+                f"Could not write checkpoint {'' if step is None else step} under "
+                f"{self.directory} ({type(e).__name__}: {e}). Free disk space or fix the "
+                f"permissions, then run the same command again: it resumes from the last "
+                f"complete checkpoint ({max(good) if good else 'none yet'}), which is intact.",
+            ) from e
 
     def close(self) -> None:
         self._manager.close()

@@ -16,7 +16,8 @@ fails):
   ema_warmup.
 - ``train``: batch_size (global, over all devices and processes), num_steps, log_every,
   checkpoint_every, keep_checkpoints, sample_every (0: no sample grids),
-  nan_policy ('stop' | 'skip').
+  nan_policy ('stop' | 'skip'), restart_if_unreadable (start from step 0 when every
+  checkpoint is damaged; they are moved to checkpoints_damaged/, never deleted).
 - ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, num_samples,
   clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call).
 - ``eval`` (``--mode=eval``): split, num_examples (rounded down to whole global batches),
@@ -86,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.sample_every = 50_000
     c.train.nan_policy = "stop"
+    c.train.restart_if_unreadable = False
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ancestral"

@@ -26,14 +26,23 @@ DATA_AXIS = "data"
 
 def initialize_distributed(
     *, coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-    auto: bool = False,
+    auto: bool = False, heartbeat_timeout_seconds: int = 100,
+    initialization_timeout_seconds: int = 300,
 ) -> None:
     """Calls `jax.distributed.initialize` when asked; a no-op otherwise.
 
     With an explicit coordinator address (and process count and id) it connects those
     processes (e.g. several on one host over localhost). With ``auto`` and no address,
     JAX detects the cluster itself (Cloud TPU pods, SLURM, Open MPI).
+
+    A process that stops answering for ``heartbeat_timeout_seconds`` is declared dead and
+    the others stop with an error instead of waiting for it forever; processes that do
+    not all arrive within ``initialization_timeout_seconds`` fail the start.
     """
+    timeouts = dict(
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+        initialization_timeout=initialization_timeout_seconds,
+    )
     if coordinator_address:
         if num_processes is None or process_id is None:
             raise ValueError(
@@ -43,9 +52,10 @@ def initialize_distributed(
             coordinator_address=coordinator_address,
             num_processes=num_processes,
             process_id=process_id,
+            **timeouts,
         )
     elif auto:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     else:
         return
     logging.info(

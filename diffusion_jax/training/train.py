@@ -145,6 +145,33 @@ class _MetricAccumulator:
         return out
 
 
+def _resume(ckpt: checkpoint.Checkpointer, state: TrainState, config) -> TrainState:
+    """The state of the newest readable checkpoint, or ``state`` when there is none.
+
+    Damaged checkpoints are skipped and moved to ``checkpoints_damaged/`` (logged, never
+    deleted). If none can be read the run stops, unless train.restart_if_unreadable.
+    Every process must arrive at the same step.
+    """
+    if ckpt.all_steps():
+        try:
+            state = ckpt.restore(state)
+            logging.info("Resumed from step %d.", int(state.step))
+        except checkpoint.NoUsableCheckpointError:
+            if not config.train.restart_if_unreadable:
+                raise
+            logging.warning("No checkpoint can be read; starting from step 0 as "
+                            "train.restart_if_unreadable allows.")
+        if ckpt.damaged_steps:
+            ckpt.set_aside(ckpt.damaged_steps)
+    if jax.process_count() > 1:
+        multihost_utils.assert_equal(
+            np.asarray(int(state.step), np.int64),
+            "The processes would resume from different steps; check that every process "
+            "sees the same checkpoint directory.",
+        )
+    return state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState:
     """Trains (or resumes) the model of ``config`` in ``workdir``; returns the final state.
 
@@ -171,9 +198,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints
     )
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-        logging.info("Resumed from step %d.", int(state.step))
+    try:
+        state = _resume(ckpt, state, config)
+    except BaseException:
+        ckpt.close()  # release Orbax's background threads before the error propagates
+        raise
     start_step = int(state.step)
     _record_config(workdir, config, start_step)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
