@@ -107,17 +107,32 @@ def test_two_processes_match_one_process(tmp_path):
     assert len(list((tmp_path / "multi" / "tensorboard").iterdir())) == 1
 
 
+CIFAR_TINY = f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny"
+
+
 @pytest.mark.parametrize(
-    "flag, match",
+    "flags, match",
     [
-        ("--config.optim.lrr=0.1", "lrr"),
-        ("--config.train.batch_size=abc", "batch_size"),
-        ("--config.train.batch_size=12", "multiple of the device count 8"),
-        ("--config.diffusion.loss_type=l1", "loss_type 'l1'"),
+        (["--config.optim.lrr=0.1"], 'Did you mean "lr"'),
+        (["--config.train.batch_size=abc"], "batch_size=abc: invalid literal for int"),
+        (["--config.train.batch_size=12"], "multiple of the device count 8"),
+        (["--config.diffusion.loss_type=l1"], "loss_type 'l1'"),
+        (["--config.diffusion.var_type=learned"], "'mse' cannot train var_type 'learned'"),
+        (["--config.sample.sampler=ddim", "--config.sample.num_steps=50"],
+         "sample.num_steps must be an int in [1, diffusion.num_timesteps = 20]"),
+        (["--mode=serve"], "--mode=serve: value should be one of <train|sample|eval>"),
+        (["--coordinator_address=localhost:1234"], "needs --num_processes and --process_id"),
+        ([CIFAR_TINY.replace(":tiny", ":huge")], "Unknown config variant 'huge'"),
+        ([CIFAR_TINY, "--config.data.data_dir={tmp}/tfds"], "'cifar10' is not prepared"),
+        (["--workdir={tmp}/a_file/run"], "is not writable"),
     ],
 )
-def test_bad_flags_exit_nonzero_with_a_message(flag, match, tmp_path):
-    proc = launch(f"--config={TOY}", f"--workdir={tmp_path}", flag, check=False)
+def test_bad_flags_exit_nonzero_with_a_message(flags, match, tmp_path):
+    (tmp_path / "a_file").write_text("a file, not a directory")
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    config = [] if any(f.startswith("--config=") for f in flags) else [f"--config={TOY}"]
+    workdir = [] if any(f.startswith("--workdir=") for f in flags) else [f"--workdir={tmp_path / 'w'}"]
+    proc = launch(*config, *workdir, *flags, check=False)
     assert proc.returncode != 0
-    assert match in proc.stderr
-    assert not (tmp_path / "checkpoints").exists()
+    assert match in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "w" / "checkpoints").exists()
