@@ -230,11 +230,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
     )
     acc = _MetricAccumulator()
     last_log_time, last_log_step = time.time(), start_step
+    data_wait = 0.0  # seconds blocked in next(data_iter) since the last log step
     saved_step = ckpt.latest_step()
     try:
         with _Preemption() as preemption:
             for step in range(start_step, num_steps):
-                batch = mesh_lib.global_batch(next(data_iter), data_sharding)
+                wait_start = time.perf_counter()
+                local_batch = next(data_iter)
+                data_wait += time.perf_counter() - wait_start
+                batch = mesh_lib.global_batch(local_batch, data_sharding)
                 state, metrics = train_step(state, batch)
                 acc.add(step, metrics)
                 done = step + 1
@@ -250,11 +254,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
                         "steps_per_sec": steps_per_sec,
                         "images_per_sec": steps_per_sec * config.train.batch_size,
                         "eta_hours": (num_steps - done) / max(steps_per_sec, 1e-9) / 3600,
+                        # Share of the wall time the loop sat waiting for input: the
+                        # prefetching pipeline should keep this near 0.
+                        "data_wait_fraction": data_wait / max(now - last_log_time, 1e-9),
                         "skipped_steps": int(jax.device_get(state.skipped_steps)),
                     }
                     metric_writer.write_scalars(done, scalars)
                     acc.reset()
-                    last_log_time, last_log_step = now, done
+                    last_log_time, last_log_step, data_wait = now, done, 0.0
                 if done % config.train.checkpoint_every == 0 or is_last or preempted:
                     if stop_on_nan:
                         acc.check_finite()
