@@ -1,0 +1,549 @@
+"""Throughput benchmark: train steps, samplers, the full bound and the input pipeline.
+
+Prints one JSON object and writes it to ``--out``. It reports the device (platform, kind,
+count), the JAX version, the machine's measured peak (a large matmul in each precision,
+timed in the same run, next to each train case as well, because other work on a shared
+machine moves it) and, per case:
+
+- ``compile_s``: trace + lower + compile of the case's jitted function;
+- ``step_s``: the median of ``--steps`` timed calls after warm-up, each ended with
+  ``block_until_ready`` (``step_s_all`` lists them);
+- ``images_per_s``;
+- ``xla_flops``: FLOPs of one call from XLA's cost analysis of the compiled program
+  (every op, elementwise included; XLA counts a loop body once, so it is given for
+  loop-free programs only), and ``model_flops``: 2 x the multiply-adds of every
+  convolution and matmul, counted from the jaxpr (loops multiplied out) -- the figure
+  PyTorch profilers and papers quote;
+- ``model_flops_per_s`` and ``fraction_of_peak``: model FLOPs per second over the matmul
+  peak of the same precision measured next to the case;
+- ``memory``: the compiled program's argument/output/temporary bytes (XLA's memory
+  analysis), the device's peak bytes in use where the backend reports it (GPU, TPU), and
+  the process's peak resident set size (host RAM).
+
+Cases (``--cases``, comma-separated):
+
+- ``train``: the train step (loss, gradient, Adam, EMA) of ``--train-models`` (``cifar``:
+  the DDPM CIFAR-10 U-Net, 35.7M parameters; ``small``: ch 64, ch_mult (1, 2, 2), one
+  residual block, attention at 8x8, 4.4M) in each of ``--dtypes`` (``bfloat16``: bfloat16
+  compute, float32 parameters and optimizer state); also whether the state was donated
+  and how many times the step was traced (1 = no retracing);
+- ``sample``: ancestral, DDIM and DPM-Solver++ with ``--sample-steps`` network
+  evaluations each, one compiled loop per sampler; images/s and network evaluations x
+  images per second;
+- ``bpd``: `likelihood.calc_bpd_loop`, every term of the bound over ``--bpd-timesteps``
+  steps (the full T = 1000 by default) in one compiled loop;
+- ``data``: the input pipeline alone (mocked CIFAR-10 through TFDS + grain, the same
+  reader threads and batch function as training), images/s;
+- ``loop``: ``train.train_and_evaluate`` itself on mocked CIFAR-10 with the ``small``
+  model: the loop's images/s and the fraction of wall time spent waiting for input
+  (``data_wait_fraction`` from its metrics).
+
+Commands, from the repository root:
+
+    python experiments/benchmark.py --out=/tmp/benchmark.json          # CPU: minutes
+    python experiments/benchmark.py --quick --out=/tmp/quick.json      # smoke test: seconds
+    python experiments/benchmark.py --train-batch=128 --small-batch=256 \
+        --sample-batch=256 --bpd-batch=64 --data-batch=512 --eval-model=cifar   # GPU / TPU
+
+The batch is the global batch, split over every local device (a multiple of the device
+count). Set ``XLA_FLAGS`` in the environment to try XLA options; the JSON records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from configs import ddpm_cifar  # noqa: E402
+from diffusion_jax import data, likelihood, sampling, schedules  # noqa: E402
+from diffusion_jax.training import mesh as mesh_lib  # noqa: E402
+from diffusion_jax.training import objectives, step as step_lib  # noqa: E402
+from diffusion_jax.training.setup import create_model  # noqa: E402
+from diffusion_jax.training.state import TrainState, make_optimizer  # noqa: E402
+
+CIFAR_INFO = data.DataInfo("cifar10", "image", (32, 32, 3), 50_000, 10)
+# name -> (ch, ch_mult, num_res_blocks, attn_resolutions)
+MODELS = {
+    "cifar": (128, (1, 2, 2, 2), 2, (16,)),
+    "small": (64, (1, 2, 2), 1, (8,)),
+    "micro": (32, (1,), 1, ()),  # --quick: every kind of layer, compiles in seconds
+}
+SAMPLERS = ("ancestral", "ddim", "dpm_solver++")
+ALL_CASES = ("train", "sample", "bpd", "data", "loop")
+
+
+# --- measurement helpers --------------------------------------------------------------------
+
+
+def time_calls(fn: Callable[[], Any], *, steps: int, warmup: int) -> list[float]:
+    """Wall seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones; each call's
+    result is waited for (``block_until_ready``), so the device time is included."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def compile_timed(jitted, *args):
+    """(compiled, model FLOPs, seconds for trace + lower + XLA compile) of ``jitted(*args)``."""
+    start = time.perf_counter()
+    traced = jitted.trace(*args)
+    compiled = traced.lower().compile()
+    seconds = time.perf_counter() - start
+    return compiled, model_flops(traced.jaxpr.jaxpr), seconds
+
+
+def xla_flops(compiled) -> float | None:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def memory_report(compiled) -> dict[str, Any]:
+    """Compiled sizes (XLA memory analysis), device peak where reported, host peak RSS."""
+    out: dict[str, Any] = {}
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 -- not every backend implements it
+        stats = None
+    if stats is not None:
+        for name in ("argument", "output", "temp", "alias"):
+            out[f"{name}_bytes"] = int(getattr(stats, f"{name}_size_in_bytes"))
+    device_stats = jax.local_devices()[0].memory_stats()
+    if device_stats and "peak_bytes_in_use" in device_stats:
+        out["device_peak_bytes_in_use"] = int(device_stats["peak_bytes_in_use"])
+    # ru_maxrss is KiB on Linux (bytes on macOS): the process's high-water mark so far.
+    scale = 1 if sys.platform == "darwin" else 1024
+    out["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return out
+
+
+def _subjaxprs(params: dict):
+    for value in params.values():
+        for sub in value if isinstance(value, (tuple, list)) else [value]:
+            if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                yield sub.jaxpr
+            elif isinstance(sub, jax.extend.core.Jaxpr):
+                yield sub
+
+
+def model_flops(jaxpr) -> float:
+    """2 x multiply-adds of every convolution and dot in a jaxpr, loops multiplied out.
+
+    A convolution's output element takes one multiply-add per kernel element of its output
+    feature (padding included, as profilers count it); a dot's, one per contracted index.
+    ``scan`` bodies count ``length`` times; ``cond`` counts its costliest branch; a
+    ``while`` body (trip count unknown here) counts once.
+    """
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
+            out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+            total += 2.0 * math.prod(out.shape) * math.prod(rhs.shape) / rhs.shape[
+                out_feature_dim]
+        elif name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval
+            contracted = math.prod(lhs.shape[d] for d in lhs_contract)
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * contracted
+        elif name == "cond":
+            total += max(model_flops(b.jaxpr) for b in eqn.params["branches"])
+        else:
+            inner = sum(model_flops(sub) for sub in _subjaxprs(eqn.params))
+            total += inner * (eqn.params["length"] if name == "scan" else 1)
+    return total
+
+
+def measure_peak(dtype: str, n: int, reps: int) -> dict[str, Any]:
+    """FLOP/s of an n x n x n matmul in ``dtype`` (float32 accumulation as XLA chooses)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(jnp.matmul)
+    times = time_calls(lambda: matmul(a, b), steps=reps, warmup=1)
+    flops = 2.0 * n**3
+    return {
+        "n": n,
+        "flops_per_s": flops / statistics.median(times),
+        "best_flops_per_s": flops / min(times),
+        "times_s": [round(t, 5) for t in times],
+    }
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    import flax
+    import jaxlib
+
+    devices = jax.devices()
+    return {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "local_device_count": jax.local_device_count(),
+        "process_count": jax.process_count(),
+        "host_cpu": cpu_model(),
+        "host_cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "flax_version": flax.__version__,
+        "python": platform.python_version(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+# --- configs --------------------------------------------------------------------------------
+
+
+def make_config(model: str, dtype: str = "float32", *, num_timesteps: int = 1000):
+    """The DDPM CIFAR-10 config with the named U-Net size and compute dtype."""
+    config = ddpm_cifar.get_config()
+    ch, ch_mult, blocks, attn = MODELS[model]
+    config.model.ch, config.model.ch_mult = ch, ch_mult
+    config.model.num_res_blocks, config.model.attn_resolutions = blocks, attn
+    config.model.dtype = dtype
+    config.diffusion.num_timesteps = num_timesteps
+    return config
+
+
+def _rates(case: dict, *, images: float, flops: float | None, peak: float | None) -> None:
+    seconds = case["step_s"]
+    case["images_per_s"] = images / seconds
+    if flops is not None:
+        case["model_flops_per_s"] = flops / seconds
+        if peak:
+            case["fraction_of_peak"] = flops / seconds / peak
+    if case.get("xla_flops") is not None:
+        case["xla_flops_per_s"] = case["xla_flops"] / seconds
+
+
+# --- cases ----------------------------------------------------------------------------------
+
+
+def bench_train(model: str, dtype: str, batch: int, args, peaks: dict) -> dict[str, Any]:
+    config = make_config(model, dtype)
+    objective = objectives.create_objective(config, CIFAR_INFO)
+    optimizer = make_optimizer(config.optim)
+    mesh = mesh_lib.make_mesh()
+    replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
+    state = jax.jit(
+        lambda key: TrainState.create(objective.init(key), optimizer), out_shardings=replicated
+    )(jax.random.key(0))
+    images = np.random.default_rng(0).uniform(-1, 1, (batch,) + CIFAR_INFO.shape)
+    batch_arrays = mesh_lib.global_batch({"image": images.astype(np.float32)}, sharded)
+
+    traces = []
+    step_fn = step_lib.make_train_step(
+        loss_fn=objective.loss, optimizer=optimizer, root_key=jax.random.key(1),
+        ema_decay=config.optim.ema_decay,
+    )
+
+    def counted_step(state, batch):
+        traces.append(None)  # runs only while tracing
+        return step_fn(state, batch)
+
+    train_step = jax.jit(
+        counted_step, in_shardings=(replicated, sharded), out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    compiled, flops, compile_s = compile_timed(train_step, state, batch_arrays)
+    peak = measure_peak(dtype, args.peak_size, reps=3)  # next to the case: load moves it
+    old_leaf = jax.tree.leaves(state.params)[0]
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = train_step(holder["state"], batch_arrays)
+        return holder["state"], metrics
+
+    times = time_calls(one_step, steps=args.steps, warmup=args.warmup)
+    case = {
+        "case": "train_step", "model": model, "dtype": dtype, "batch": batch,
+        "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
+        "compile_s": compile_s, "step_s": statistics.median(times),
+        "step_s_all": [round(t, 4) for t in times],
+        "xla_flops": xla_flops(compiled), "model_flops": flops,
+        "traces": len(traces), "state_donated": bool(old_leaf.is_deleted()),
+        "peak_next_to_case_flops_per_s": peak["flops_per_s"],
+        "memory": memory_report(compiled), "load_average": load_average(),
+    }
+    peaks.setdefault(dtype, []).append(peak["flops_per_s"])
+    _rates(case, images=batch, flops=flops, peak=peak["flops_per_s"])
+    return case
+
+
+def _eval_model(args, num_timesteps: int):
+    config = make_config(args.eval_model, args.eval_dtype, num_timesteps=num_timesteps)
+    model = create_model(config, CIFAR_INFO)
+    params = jax.jit(objectives.ddpm_objective(config, CIFAR_INFO).init)(jax.random.key(0))
+    return config, model, params
+
+
+def _apply(model):
+    """``apply(params, x, t)``: one function object, so a new Partial of it (new
+    parameters) reuses the compiled loop."""
+    return lambda params, x, t: model.apply({"params": params}, x, t, train=False)
+
+
+def bench_sampling(args, peaks: dict) -> list[dict[str, Any]]:
+    config, model, params = _eval_model(args, 1000)
+    d = config.diffusion
+    schedule = schedules.get_schedule(d.schedule, d.num_timesteps)
+    apply = _apply(model)
+    shape = (args.sample_batch,) + CIFAR_INFO.shape
+    mesh = mesh_lib.make_mesh()
+    cases = []
+    for sampler in args.samplers.split(","):
+        def draw(params, key, sampler=sampler):
+            model_fn = jax.tree_util.Partial(apply, params)
+            return sampling.sample(
+                schedule, model_fn, shape, sampler=sampler, key=key,
+                num_steps=args.sample_steps, mean_type=d.mean_type, var_type=d.var_type,
+                clip_denoised=True,
+            )
+
+        jitted = jax.jit(draw, out_shardings=mesh_lib.data_sharded(mesh))
+        key = jax.random.key(2)
+        compiled, flops, compile_s = compile_timed(jitted, params, key)
+        times = time_calls(lambda: compiled(params, key), steps=args.eval_steps, warmup=1)
+        case = {
+            "case": "sample", "sampler": sampler, "model": args.eval_model,
+            "dtype": args.eval_dtype, "batch": args.sample_batch,
+            "network_evals": args.sample_steps, "compile_s": compile_s,
+            "step_s": statistics.median(times), "step_s_all": [round(t, 4) for t in times],
+            "model_flops": flops, "load_average": load_average(),
+        }
+        _rates(case, images=args.sample_batch, flops=flops, peak=_peak(peaks, args.eval_dtype))
+        case["image_evals_per_s"] = case["images_per_s"] * args.sample_steps
+        cases.append(case)
+    return cases
+
+
+def bench_bpd(args, peaks: dict) -> dict[str, Any]:
+    config, model, params = _eval_model(args, args.bpd_timesteps)
+    d = config.diffusion
+    schedule = schedules.get_schedule(d.schedule, d.num_timesteps)
+    apply = _apply(model)
+
+    def bound(params, x, key):
+        out = likelihood.calc_bpd_loop(
+            schedule, jax.tree_util.Partial(apply, params), x, key=key,
+            mean_type=d.mean_type, var_type=d.var_type, decoder_type=d.decoder_type,
+        )
+        return out["total_bpd"]
+
+    x = jnp.asarray(np.random.default_rng(0).uniform(
+        -1, 1, (args.bpd_batch,) + CIFAR_INFO.shape).astype(np.float32))
+    key = jax.random.key(3)
+    compiled, flops, compile_s = compile_timed(jax.jit(bound), params, x, key)
+    times = time_calls(lambda: compiled(params, x, key), steps=args.eval_steps, warmup=1)
+    total_bpd = np.asarray(compiled(params, x, key))
+    case = {
+        "case": "bpd", "model": args.eval_model, "dtype": args.eval_dtype,
+        "batch": args.bpd_batch, "num_timesteps": args.bpd_timesteps,
+        "compile_s": compile_s, "step_s": statistics.median(times),
+        "step_s_all": [round(t, 4) for t in times], "model_flops": flops,
+        "mean_total_bpd_of_untrained_model": float(total_bpd.mean()),
+        "load_average": load_average(),
+    }
+    _rates(case, images=args.bpd_batch, flops=flops, peak=_peak(peaks, args.eval_dtype))
+    return case
+
+
+def _mock_cifar_config(prefetch: int) -> dict[str, Any]:
+    return {"name": "cifar10", "mock": True, "mock_num_examples": 1024, "random_flip": True,
+            "prefetch": prefetch}
+
+
+def bench_data(args) -> list[dict[str, Any]]:
+    cases = []
+    for prefetch in (args.prefetch, 0):
+        iterator = data.create_data_iterator(
+            _mock_cifar_config(prefetch), per_process_batch=args.data_batch, seed=0,
+            start_step=0, process_index=0, process_count=1,
+        )
+        next(iterator)  # readers started, first batch ready
+        start = time.perf_counter()
+        for _ in range(args.data_batches):
+            next(iterator)
+        seconds = (time.perf_counter() - start) / args.data_batches
+        cases.append({
+            "case": "data", "source": "tfds mock_data cifar10 + grain", "prefetch": prefetch,
+            "batch": args.data_batch, "step_s": seconds, "images_per_s": args.data_batch / seconds,
+            "load_average": load_average(),
+        })
+    return cases
+
+
+def bench_loop(args) -> dict[str, Any]:
+    """``train.train_and_evaluate`` on mocked CIFAR-10: its own logged figures."""
+    from diffusion_jax.training import train
+
+    config = make_config(args.loop_model)
+    config.data.mock, config.data.mock_num_examples = True, 1024
+    config.data.prefetch = args.prefetch
+    config.optim.warmup_steps = 10
+    config.train.batch_size = args.loop_batch
+    config.train.num_steps = args.loop_steps
+    config.train.log_every = args.loop_steps // 2  # first log includes the compile
+    config.train.checkpoint_every = 10**9
+    config.train.sample_every = 0
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        train.train_and_evaluate(config, workdir)
+        wall = time.perf_counter() - start
+        lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1])  # the second half: compiled, steady state
+    return {
+        "case": "train_loop", "model": args.loop_model, "batch": args.loop_batch,
+        "steps": args.loop_steps, "wall_s_with_compile": wall,
+        "steps_per_sec": last.get("steps_per_sec"), "images_per_s": last.get("images_per_sec"),
+        "data_wait_fraction": last.get("data_wait_fraction"),
+        "load_average": load_average(),
+    }
+
+
+def _peak(peaks: dict, dtype: str) -> float | None:
+    values = peaks.get(dtype)
+    return statistics.median(values) if values else None
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmark.json", help="where to write the JSON")
+    p.add_argument("--cases", default=",".join(ALL_CASES), help=f"any of {ALL_CASES}")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: a micro U-Net, tiny batches, T = 50 (no real figures)")
+    p.add_argument("--train-models", default="cifar,small")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="train step compute dtypes")
+    p.add_argument("--bf16-models", default="small",
+                   help="models also timed in bfloat16 when --dtypes has it ('all' for all)")
+    p.add_argument("--train-batch", type=int, default=32, help="batch of the cifar model")
+    p.add_argument("--small-batch", type=int, default=16, help="batch of the small model")
+    p.add_argument("--steps", type=int, default=5, help="timed train steps per case")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    p.add_argument("--eval-model", default="small", help="network for sample and bpd")
+    p.add_argument("--eval-dtype", default="float32")
+    p.add_argument("--eval-steps", type=int, default=2, help="timed calls per sample/bpd case")
+    p.add_argument("--sample-batch", type=int, default=8)
+    p.add_argument("--sample-steps", type=int, default=10, help="network evaluations")
+    p.add_argument("--samplers", default=",".join(SAMPLERS))
+    p.add_argument("--bpd-batch", type=int, default=2)
+    p.add_argument("--bpd-timesteps", type=int, default=1000)
+    p.add_argument("--data-batch", type=int, default=128)
+    p.add_argument("--data-batches", type=int, default=20)
+    p.add_argument("--prefetch", type=int, default=4, help="data.prefetch for data and loop")
+    p.add_argument("--loop-model", default="small")
+    p.add_argument("--loop-batch", type=int, default=16)
+    p.add_argument("--loop-steps", type=int, default=12)
+    p.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_models, args.bf16_models = "micro", "micro"
+        args.train_batch = args.small_batch = args.loop_batch = 2 * jax.device_count()
+        args.steps, args.eval_steps, args.eval_model, args.loop_model = 2, 1, "micro", "micro"
+        args.sample_batch = args.bpd_batch = jax.device_count()
+        args.sample_steps, args.bpd_timesteps = 2, 50
+        args.data_batch, args.data_batches, args.loop_steps = 16, 3, 4
+        args.peak_size = args.peak_size or 256
+    if args.peak_size is None:
+        args.peak_size = 4096 if jax.devices()[0].platform == "cpu" else 8192
+    unknown = set(args.cases.split(",")) - set(ALL_CASES)
+    if unknown:
+        p.error(f"unknown cases {sorted(unknown)}; valid: {ALL_CASES}")
+    return args
+
+
+def run(args) -> dict[str, Any]:
+    cases_wanted = args.cases.split(",")
+    result: dict[str, Any] = {
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "environment": environment(), "load_average_start": load_average(),
+    }
+    dtypes = args.dtypes.split(",")
+    peaks: dict[str, list[float]] = {}
+    result["peak_matmul"] = {dt: measure_peak(dt, args.peak_size, reps=5) for dt in dtypes}
+    for dt, peak in result["peak_matmul"].items():
+        peaks.setdefault(dt, []).append(peak["flops_per_s"])
+    cases: list[dict[str, Any]] = []
+
+    def add(new_cases):
+        for case in new_cases if isinstance(new_cases, list) else [new_cases]:
+            cases.append(case)
+            print(f"# {json.dumps(case)}", file=sys.stderr, flush=True)
+
+    if "train" in cases_wanted:
+        for model in args.train_models.split(","):
+            batch = args.train_batch if model == "cifar" else args.small_batch
+            for dtype in dtypes:
+                if dtype != "float32" and args.bf16_models != "all" and (
+                        model not in args.bf16_models.split(",")):
+                    continue
+                add(bench_train(model, dtype, batch, args, peaks))
+    if "sample" in cases_wanted:
+        add(bench_sampling(args, peaks))
+    if "bpd" in cases_wanted:
+        add(bench_bpd(args, peaks))
+    if "data" in cases_wanted:
+        add(bench_data(args))
+    if "loop" in cases_wanted:
+        add(bench_loop(args))
+    result["cases"] = cases
+    result["peak_flops_per_s_median"] = {dt: statistics.median(v) for dt, v in peaks.items()}
+    result["load_average_end"] = load_average()
+    return result
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=1)
+    print(text)
+    pathlib.Path(args.out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

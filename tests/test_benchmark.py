@@ -1,0 +1,169 @@
+"""Tests for experiments/benchmark.py: its quick mode runs and reports sane fields, its FLOP
+count is exact on known programs, and the U-Net's fast upsampling (which the benchmark's
+figures rest on) equals DDPM's nearest-neighbour upsampling followed by a 3x3 conv.
+
+Nothing here depends on timings: speed belongs in the benchmark itself."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.models.unet import Upsample
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "experiments" / "benchmark.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    env = dict(os.environ)
+    # One CPU device (not the 8 fake ones of conftest), and XLA's cheapest compile: this
+    # run checks the report, not the speed.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--dtypes=float32", "--samplers=ddim",
+         f"--out={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    printed = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == printed
+    return printed
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and np.isfinite(value) and value > 0
+
+
+def test_quick_mode_reports_environment_and_peak(quick_result):
+    env = quick_result["environment"]
+    assert env["platform"] == "cpu" and env["device_count"] == 1
+    assert env["jax_version"] == jax.__version__
+    assert env["device_kind"]
+    peak = quick_result["peak_matmul"]["float32"]
+    assert peak["n"] == 256 and _positive(peak["flops_per_s"])
+    assert peak["best_flops_per_s"] >= peak["flops_per_s"]
+    assert len(quick_result["load_average_start"]) == 3
+
+
+def test_quick_mode_train_step_case(quick_result):
+    (case,) = [c for c in quick_result["cases"] if c["case"] == "train_step"]
+    assert case["model"] == "micro" and case["dtype"] == "float32" and case["batch"] == 2
+    assert case["params"] > 100_000
+    for field in ("compile_s", "step_s", "images_per_s", "xla_flops", "model_flops",
+                  "model_flops_per_s", "fraction_of_peak"):
+        assert _positive(case[field]), field
+    assert len(case["step_s_all"]) == 2
+    assert case["images_per_s"] == pytest.approx(2 / case["step_s"])
+    # XLA counts elementwise work too; convolutions and matmuls are most of it.
+    assert 0.5 < case["model_flops"] / case["xla_flops"] < 1.5
+    assert case["traces"] == 1 and case["state_donated"] is True
+    memory = case["memory"]
+    assert memory["argument_bytes"] > 4 * case["params"]  # params, EMA, Adam moments
+    assert memory["host_peak_rss_bytes"] > 0
+
+
+def test_quick_mode_sampling_bound_data_and_loop_cases(quick_result):
+    by_case = {}
+    for c in quick_result["cases"]:
+        by_case.setdefault(c["case"], []).append(c)
+    (sample,) = by_case["sample"]
+    assert sample["sampler"] == "ddim" and sample["network_evals"] == 2
+    assert sample["image_evals_per_s"] == pytest.approx(2 * sample["images_per_s"])
+    (bpd,) = by_case["bpd"]
+    assert bpd["num_timesteps"] == 50
+    # T network evaluations per image: the loop's FLOPs are T times one forward pass.
+    assert bpd["model_flops"] == pytest.approx(50 / 2 * sample["model_flops"], rel=0.01)
+    assert 0 < bpd["mean_total_bpd_of_untrained_model"] < 100
+    assert {c["prefetch"] for c in by_case["data"]} == {4, 0}
+    for case in sample, bpd, *by_case["data"]:
+        assert _positive(case["images_per_s"]) and _positive(case["step_s"])
+    (loop,) = by_case["train_loop"]
+    assert _positive(loop["images_per_s"])
+    assert 0 <= loop["data_wait_fraction"] < 1
+
+
+# --- the FLOP count -------------------------------------------------------------------------
+
+
+def test_model_flops_counts_convolutions_and_dots_exactly():
+    bench = _load_benchmark()
+    x = jnp.ones((2, 8, 6, 3))
+    kernel = jnp.ones((3, 3, 3, 5))
+
+    def conv(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    conv_flops = 2 * (2 * 8 * 6 * 5) * (3 * 3 * 3)
+    assert bench.model_flops(jax.make_jaxpr(conv)(x, kernel).jaxpr) == conv_flops
+    a, b = jnp.ones((4, 7)), jnp.ones((7, 9))
+    assert bench.model_flops(jax.make_jaxpr(jnp.matmul)(a, b).jaxpr) == 2 * 4 * 7 * 9
+    # Gradients: each of the two backward convolutions costs what the forward one does.
+    grad = jax.grad(lambda x, k: jnp.sum(conv(x, k)), argnums=(0, 1))
+    assert bench.model_flops(jax.make_jaxpr(grad)(x, kernel).jaxpr) == 3 * conv_flops
+
+    # A scan body counts once per iteration, inside jit too; elementwise work not at all.
+    def loop(a, b):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ b[:, :7]), None), a, None, length=5)[0]
+
+    jaxpr = jax.make_jaxpr(jax.jit(loop))(a, jnp.ones((7, 7))).jaxpr
+    assert bench.model_flops(jaxpr) == 5 * 2 * 4 * 7 * 7
+
+
+# --- the U-Net's sub-pixel upsampling ------------------------------------------------------
+
+
+def _numpy_upsample_conv(x, kernel, bias):
+    """DDPM's upsample: nearest neighbour x2, then a 'SAME' 3x3 conv; float64."""
+    up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+    b, h, w, _ = up.shape
+    padded = np.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((b, h, w, kernel.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += padded[:, i : i + h, j : j + w, :] @ kernel[i, j]
+    return out + bias
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 32), (1, 3, 5, 64)])
+def test_upsample_conv_equals_nearest_neighbour_then_3x3_conv(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    layer = Upsample()
+    params = layer.init(jax.random.key(1), x)["params"]
+    # The parameters of DDPM's conv: a 3x3 kernel and a bias; random values so that every
+    # tap matters (the bias starts at zero).
+    assert params["conv"]["kernel"].shape == (3, 3, shape[-1], shape[-1])
+    rng = np.random.default_rng(2)
+    params = {"conv": {"kernel": rng.normal(0, 0.1, (3, 3, shape[-1], shape[-1])),
+                       "bias": rng.normal(0, 0.1, (shape[-1],))}}
+    params32 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    got = layer.apply({"params": params32}, x)
+    want = _numpy_upsample_conv(np.asarray(x, np.float64), params["conv"]["kernel"],
+                                params["conv"]["bias"])
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    # bfloat16 compute: the same up to bfloat16 rounding.
+    got16 = Upsample(dtype=jnp.bfloat16).apply({"params": params32}, x)
+    assert got16.dtype == jnp.bfloat16
+    err = np.linalg.norm(np.asarray(got16, np.float64) - want) / np.linalg.norm(want)
+    assert err < 2e-2
