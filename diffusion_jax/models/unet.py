@@ -165,7 +165,10 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """DDPM's ``upsample``: nearest-neighbour x2, then a 3x3 conv when ``with_conv``.
-    (B, H, W, C) -> (B, 2H, 2W, C)."""
+    (B, H, W, C) -> (B, 2H, 2W, C).
+
+    With the conv, the upsampled image is never formed: see `_UpsampleConv`.
+    """
 
     with_conv: bool = True
     dtype: Dtype = jnp.float32
@@ -173,21 +176,65 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch, height, width, channels = x.shape
-        # Nearest neighbour as a broadcast and a reshape: no gather, no resize kernel.
-        x = jnp.broadcast_to(
-            x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels)
-        ).reshape(batch, 2 * height, 2 * width, channels)
         if not self.with_conv:
-            return x
-        return nn.Conv(
-            channels,
-            (3, 3),
-            kernel_init=default_init(),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
+            batch, height, width, channels = x.shape
+            # Nearest neighbour as a broadcast and a reshape: no gather, no resize kernel.
+            return jnp.broadcast_to(
+                x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels)
+            ).reshape(batch, 2 * height, 2 * width, channels)
+        return _UpsampleConv(
+            x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
         )(x)
+
+
+# Nearest-neighbour upsampling followed by a 3x3 'SAME' conv, per output phase: output row
+# 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, which are input rows (i - 1, i, i)
+# for a = 0 and (i, i, i + 1) for a = 1. So each phase sees two input rows, and the
+# kernel rows that land on the same input row add up: _PHASE_TAPS[a] maps the 3 kernel
+# rows to the 2 taps (the same holds for columns).
+_PHASE_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)),
+               ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+class _UpsampleConv(nn.Module):
+    """``conv3x3(upsample2x_nearest(x))`` as four 2x2 convs of ``x``, one per output phase.
+
+    The same result (up to float rounding) with 16 instead of 36 multiply-adds per input
+    pixel and channel pair, and without the 4x larger upsampled activation; its gradient
+    is cheaper in the same ratio. The parameters are those of ``nn.Conv(features, (3, 3))``
+    (``kernel`` (3, 3, C, features), ``bias``), created in the same order with the same
+    initialisers, so the parameter tree and its initial values are DDPM's.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        kernel = self.param(
+            "kernel", default_init(), (3, 3, channels, self.features), self.param_dtype
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                          self.param_dtype)
+        taps = jnp.asarray(_PHASE_TAPS, kernel.dtype)
+        # kernels[a, b]: the 2x2 kernel of output phase (a, b), summed in param_dtype.
+        kernels = jnp.einsum("api,bqj,ijco->abpqco", taps, taps, kernel)
+        x, kernels, bias = nn.dtypes.promote_dtype(x, kernels, bias, dtype=self.dtype)
+        rows = []
+        for a in range(2):
+            phases = []
+            for b in range(2):
+                # Phase 0 reads (i - 1, i): pad one before; phase 1 reads (i, i + 1).
+                padding = ((1 - a, a), (1 - b, b))
+                phases.append(jax.lax.conv_general_dilated(
+                    x, kernels[a, b], (1, 1), padding,
+                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                ))
+            rows.append(jnp.stack(phases, axis=3))  # (B, H, W, 2 [b], F)
+        y = jnp.stack(rows, axis=2)  # (B, H, 2 [a], W, 2 [b], F)
+        return y.reshape(batch, 2 * height, 2 * width, self.features) + bias.reshape(1, 1, 1, -1)
 
 
 def _group_norm(module: nn.Module, name: str) -> nn.GroupNorm:
