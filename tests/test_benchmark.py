@@ -167,3 +167,46 @@ def test_upsample_conv_equals_nearest_neighbour_then_3x3_conv(shape):
     assert got16.dtype == jnp.bfloat16
     err = np.linalg.norm(np.asarray(got16, np.float64) - want) / np.linalg.norm(want)
     assert err < 2e-2
+
+
+# --- the U-Net's GroupNorm with its gradient written out -----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 64), (3, 5, 7, 32)])
+def test_group_norm_and_its_gradient_equal_flax_group_norm(shape, dtype):
+    import flax.linen as nn
+
+    from diffusion_jax.models.unet import GroupNorm
+
+    x = (3.0 * jax.random.normal(jax.random.key(0), shape) + 1.0).astype(dtype)
+    reference = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, use_fast_variance=False)
+    ours = GroupNorm(dtype=dtype)
+    shapes = jax.eval_shape(reference.init, jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, jax.eval_shape(ours.init, jax.random.key(1), x)) == (
+        jax.tree.map(jnp.shape, shapes))
+    rng = np.random.default_rng(2)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(1.0, 0.3, s.shape), jnp.float32),
+                          shapes)
+    weights = jax.random.normal(jax.random.key(3), shape)
+
+    def loss(module):
+        return lambda params, x: jnp.sum(
+            jnp.sin(module.apply(params, x).astype(jnp.float32)) * weights)
+
+    want, got = reference.apply(params, x), ours.apply(params, x)
+    assert got.dtype == want.dtype == dtype
+    tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=tolerance, rtol=tolerance)
+    grads_want = jax.grad(loss(reference), argnums=(0, 1))(params, x)
+    grads_got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    # Parameters' gradients accumulate in float32 either way; the input's gradient is
+    # rounded to the input's dtype (bfloat16: 2**-8 relative).
+    for (path, g_want), g_got in zip(jax.tree_util.tree_leaves_with_path(grads_want),
+                                     jax.tree.leaves(grads_got)):
+        g_want, g_got = np.asarray(g_want, np.float32), np.asarray(g_got, np.float32)
+        assert g_got.dtype == g_want.dtype
+        rel = np.linalg.norm(g_got - g_want) / np.linalg.norm(g_want)
+        is_input = jax.tree_util.keystr(path).startswith("[1]")
+        assert rel < (1e-5 if dtype == jnp.float32 or not is_input else 1e-2), (path, rel)

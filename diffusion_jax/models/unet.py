@@ -237,17 +237,96 @@ class _UpsampleConv(nn.Module):
         return y.reshape(batch, 2 * height, 2 * width, self.features) + bias.reshape(1, 1, 1, -1)
 
 
-def _group_norm(module: nn.Module, name: str) -> nn.GroupNorm:
+def _group_norm(module: nn.Module, name: str) -> "GroupNorm":
     """GroupNorm as DDPM (tf.contrib group_norm: 32 groups, eps 1e-6), statistics in
     float32 with the two-pass variance, output in the module's compute dtype."""
-    return nn.GroupNorm(
-        num_groups=_NUM_GROUPS,
-        epsilon=_GROUP_NORM_EPSILON,
-        dtype=module.dtype,
-        param_dtype=module.param_dtype,
-        use_fast_variance=False,
-        name=name,
-    )
+    return GroupNorm(dtype=module.dtype, param_dtype=module.param_dtype, name=name)
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation (Wu and He 2018) over (H, W, channels of a group), NHWC.
+
+    Computes what flax's ``nn.GroupNorm(num_groups, epsilon, use_fast_variance=False)``
+    computes, with the same ``scale`` and ``bias`` parameters: float32 statistics, the
+    two-pass variance, ``(x - mean) * (rsqrt(var + eps) * scale) + bias``. Two things make
+    it faster on the train step: statistics are summed per channel first, in the NHWC
+    layout (a grouped (..., G, C/G) layout leaves a minor axis of 2 to 8 elements that does
+    not vectorise), and the gradient is written out (`_group_norm_bwd`: one reduction pass
+    and one elementwise pass, where differentiating the two-pass statistics takes several
+    of each). Outputs agree with flax's to float rounding.
+    """
+
+    num_groups: int = _NUM_GROUPS
+    epsilon: float = _GROUP_NORM_EPSILON
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones_init(), (channels,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (channels,), self.param_dtype)
+        return _group_norm_fn(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+
+
+def _per_channel_sums(x: jax.Array) -> jax.Array:
+    """(B, ..., C) -> (B, C): sums over the spatial axes, in the input's layout (channels
+    stay the contiguous axis, so the reduction vectorises)."""
+    return x.sum(tuple(range(1, x.ndim - 1)))
+
+
+def _group_means(sums: jax.Array, num_groups: int, count: int) -> jax.Array:
+    """(B, C) per-channel sums -> (B, C): the mean over each channel's group, repeated
+    over the group's channels."""
+    batch, channels = sums.shape
+    means = sums.reshape(batch, num_groups, channels // num_groups).sum(-1) / count
+    return jnp.repeat(means, channels // num_groups, axis=-1)
+
+
+def _spatial(v: jax.Array, ndim: int) -> jax.Array:
+    """(B, C) -> (B, 1, ..., 1, C), to broadcast against a rank-``ndim`` activation."""
+    return v.reshape(v.shape[:1] + (1,) * (ndim - 2) + v.shape[1:])
+
+
+def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype):
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    count = math.prod(x.shape[1:]) // num_groups  # elements per group and example
+    mean = _spatial(_group_means(_per_channel_sums(xf), num_groups, count), x.ndim)
+    centred = xf - mean
+    var = _group_means(_per_channel_sums(jnp.square(centred)), num_groups, count)
+    rstd = _spatial(jax.lax.rsqrt(var + epsilon), x.ndim)
+    channel_shape = (1,) * (x.ndim - 1) + scale.shape
+    y = centred * (rstd * scale.reshape(channel_shape)) + bias.reshape(channel_shape)
+    return y.astype(dtype), (x, mean, rstd, scale)
+
+
+def _group_norm_bwd(num_groups, epsilon, dtype, residuals, dy):
+    """With xhat = (x - mean) * rstd and g = dy * scale, per group of n elements:
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); dscale = sum dy * xhat and
+    dbias = sum dy over every axis but the channels. One reduction pass (per-channel
+    sums of dy and dy * xhat) and one elementwise pass."""
+    del epsilon, dtype
+    x, mean, rstd, scale = residuals
+    f32 = jnp.promote_types(x.dtype, jnp.float32)
+    xhat = (x.astype(f32) - mean) * rstd
+    dyf = dy.astype(f32)
+    sum_dy, sum_dy_xhat = _per_channel_sums(dyf), _per_channel_sums(dyf * xhat)
+    count = math.prod(x.shape[1:]) // num_groups
+    mean_g = _spatial(_group_means(sum_dy * scale[None], num_groups, count), x.ndim)
+    mean_g_xhat = _spatial(
+        _group_means(sum_dy_xhat * scale[None], num_groups, count), x.ndim)
+    dx = rstd * (dyf * scale.reshape((1,) * (x.ndim - 1) + scale.shape) - mean_g
+                 - xhat * mean_g_xhat)
+    dscale, dbias = sum_dy_xhat.sum(0), sum_dy.sum(0)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_group_norm_fn = jax.custom_vjp(
+    lambda x, scale, bias, num_groups, epsilon, dtype: _group_norm_fwd(
+        x, scale, bias, num_groups, epsilon, dtype)[0],
+    nondiff_argnums=(3, 4, 5),
+)
+_group_norm_fn.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 class UNet(nn.Module):
