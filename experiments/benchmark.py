@@ -2,7 +2,7 @@
 
 Prints one JSON object and writes it to ``--out``. It reports the device (platform, kind,
 count), the JAX version, the machine's measured peak (a large matmul in each precision,
-timed in the same run, next to each train case as well, because other work on a shared
+timed in the same run, and again next to each train case, because other work on a shared
 machine moves it) and, per case:
 
 - ``compile_s``: trace + lower + compile of the case's jitted function;
@@ -10,43 +10,55 @@ machine moves it) and, per case:
   ``block_until_ready`` (``step_s_all`` lists them);
 - ``images_per_s``;
 - ``xla_flops``: FLOPs of one call from XLA's cost analysis of the compiled program
-  (every op, elementwise included; XLA counts a loop body once, so it is given for
-  loop-free programs only), and ``model_flops``: 2 x the multiply-adds of every
-  convolution and matmul, counted from the jaxpr (loops multiplied out) -- the figure
-  PyTorch profilers and papers quote;
-- ``model_flops_per_s`` and ``fraction_of_peak``: model FLOPs per second over the matmul
-  peak of the same precision measured next to the case;
+  (every op, elementwise included; given for the loop-free train step on one device only,
+  as XLA counts a loop body once and a partitioned program per device);
+- ``model_flops``: 2 x the multiply-adds of every convolution and matmul the program runs,
+  counted from its jaxpr with loops multiplied out, and ``ddpm_flops``: the same for
+  DDPM's network as written, whose upsampling convolves the 2x-upsampled image (our
+  `unet.Upsample` does the same arithmetic per output phase with 16/36 of the work); the
+  convention of published figures;
+- ``model_flops_per_s``, ``ddpm_flops_per_s`` and ``fraction_of_peak``,
+  ``ddpm_fraction_of_peak``: per second, and over the matmul peak of the same precision
+  measured next to the case;
 - ``memory``: the compiled program's argument/output/temporary bytes (XLA's memory
   analysis), the device's peak bytes in use where the backend reports it (GPU, TPU), and
-  the process's peak resident set size (host RAM).
+  the process's peak resident set size (host RAM);
+- train steps also: ``devices`` (mesh size), ``cores_busy`` (process CPU seconds per wall
+  second), ``traces`` (1 = no retracing), ``state_donated``.
 
 Cases (``--cases``, comma-separated):
 
 - ``train``: the train step (loss, gradient, Adam, EMA) of ``--train-models`` (``cifar``:
   the DDPM CIFAR-10 U-Net, 35.7M parameters; ``small``: ch 64, ch_mult (1, 2, 2), one
   residual block, attention at 8x8, 4.4M) in each of ``--dtypes`` (``bfloat16``: bfloat16
-  compute, float32 parameters and optimizer state); also whether the state was donated
-  and how many times the step was traced (1 = no retracing);
+  compute, float32 parameters and optimizer state), on a mesh of one device and/or of all
+  devices (``--meshes``);
 - ``sample``: ancestral, DDIM and DPM-Solver++ with ``--sample-steps`` network
   evaluations each, one compiled loop per sampler; images/s and network evaluations x
   images per second;
 - ``bpd``: `likelihood.calc_bpd_loop`, every term of the bound over ``--bpd-timesteps``
   steps (the full T = 1000 by default) in one compiled loop;
 - ``data``: the input pipeline alone (mocked CIFAR-10 through TFDS + grain, the same
-  reader threads and batch function as training), images/s;
+  reader threads and batch function as training), images/s, with and without prefetch;
 - ``loop``: ``train.train_and_evaluate`` itself on mocked CIFAR-10 with the ``small``
   model: the loop's images/s and the fraction of wall time spent waiting for input
   (``data_wait_fraction`` from its metrics).
 
+On a CPU the backend shows one device per core by default (``--cpu-devices``), so the
+train step is timed both on one device (XLA spreads each op over the cores) and data
+parallel over the cores (one device per core, each running its share of the batch), the
+setting ``XLA_FLAGS=--xla_force_host_platform_device_count=<cores>`` gives a training run.
+
 Commands, from the repository root:
 
     python experiments/benchmark.py --out=/tmp/benchmark.json          # CPU: minutes
-    python experiments/benchmark.py --quick --out=/tmp/quick.json      # smoke test: seconds
+    python experiments/benchmark.py --quick --out=/tmp/quick.json      # smoke test
     python experiments/benchmark.py --train-batch=128 --small-batch=256 \
-        --sample-batch=256 --bpd-batch=64 --data-batch=512 --eval-model=cifar   # GPU / TPU
+        --sample-batch=256 --bpd-batch=64 --data-batch=512 --eval-model=cifar \
+        --dtypes=float32,bfloat16 --bf16-models=all --out=/tmp/gpu.json   # GPU / TPU
 
-The batch is the global batch, split over every local device (a multiple of the device
-count). Set ``XLA_FLAGS`` in the environment to try XLA options; the JSON records them.
+Batches are global, split over the devices of the mesh (multiples of the device count).
+Set ``XLA_FLAGS`` in the environment to try XLA options; the JSON records them.
 """
 
 from __future__ import annotations
@@ -67,6 +79,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -82,7 +95,7 @@ CIFAR_INFO = data.DataInfo("cifar10", "image", (32, 32, 3), 50_000, 10)
 MODELS = {
     "cifar": (128, (1, 2, 2, 2), 2, (16,)),
     "small": (64, (1, 2, 2), 1, (8,)),
-    "micro": (32, (1,), 1, ()),  # --quick: every kind of layer, compiles in seconds
+    "micro": (32, (1,), 1, ()),  # --quick: one level (no resampling), compiles in seconds
 }
 SAMPLERS = ("ancestral", "ddim", "dpm_solver++")
 ALL_CASES = ("train", "sample", "bpd", "data", "loop")
@@ -91,17 +104,18 @@ ALL_CASES = ("train", "sample", "bpd", "data", "loop")
 # --- measurement helpers --------------------------------------------------------------------
 
 
-def time_calls(fn: Callable[[], Any], *, steps: int, warmup: int) -> list[float]:
-    """Wall seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones; each call's
-    result is waited for (``block_until_ready``), so the device time is included."""
+def time_calls(fn: Callable[[], Any], *, steps: int, warmup: int) -> tuple[list[float], Any]:
+    """Wall seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones, and the last
+    result; each call's result is waited for (``block_until_ready``), so the device time
+    is included."""
     for _ in range(warmup):
         jax.block_until_ready(fn())
-    times = []
+    times, result = [], None
     for _ in range(steps):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
+        result = jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return times
+    return times, result
 
 
 def compile_timed(jitted, *args):
@@ -184,7 +198,7 @@ def measure_peak(dtype: str, n: int, reps: int) -> dict[str, Any]:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
     matmul = jax.jit(jnp.matmul)
-    times = time_calls(lambda: matmul(a, b), steps=reps, warmup=1)
+    times, _ = time_calls(lambda: matmul(a, b), steps=reps, warmup=1)
     flops = 2.0 * n**3
     return {
         "n": n,
@@ -246,13 +260,31 @@ def make_config(model: str, dtype: str = "float32", *, num_timesteps: int = 1000
     return config
 
 
-def _rates(case: dict, *, images: float, flops: float | None, peak: float | None) -> None:
+def ddpm_extra_flops(model: str, batch: int, passes: int) -> float:
+    """FLOPs that DDPM's network as written spends on top of ours: its upsampling layers
+    convolve the 2x nearest-upsampled image (36 multiply-adds per input pixel and channel
+    pair) where `unet.Upsample` convolves the input per output phase (16). ``passes``:
+    network passes (3 for a train step: forward, input and weight gradients)."""
+    ch, ch_mult, _, _ = MODELS[model]
+    size = CIFAR_INFO.shape[0]
+    extra = 0.0
+    for level in range(1, len(ch_mult)):
+        channels, side = ch * ch_mult[level], size // 2**level
+        extra += 2.0 * batch * side * side * channels * channels * (36 - 16)
+    return extra * passes
+
+
+def _rates(case: dict, *, images: float, flops: float, extra: float, peak: float | None):
+    """images/s; FLOP/s of our network and of DDPM's as written (``ddpm_flops``, the
+    convention of published figures); both as fractions of the matmul peak."""
     seconds = case["step_s"]
     case["images_per_s"] = images / seconds
-    if flops is not None:
-        case["model_flops_per_s"] = flops / seconds
-        if peak:
-            case["fraction_of_peak"] = flops / seconds / peak
+    case["model_flops"], case["ddpm_flops"] = flops, flops + extra
+    case["model_flops_per_s"] = flops / seconds
+    case["ddpm_flops_per_s"] = (flops + extra) / seconds
+    if peak:
+        case["fraction_of_peak"] = flops / seconds / peak
+        case["ddpm_fraction_of_peak"] = (flops + extra) / seconds / peak
     if case.get("xla_flops") is not None:
         case["xla_flops_per_s"] = case["xla_flops"] / seconds
 
@@ -260,11 +292,20 @@ def _rates(case: dict, *, images: float, flops: float | None, peak: float | None
 # --- cases ----------------------------------------------------------------------------------
 
 
-def bench_train(model: str, dtype: str, batch: int, args, peaks: dict) -> dict[str, Any]:
+def sub_mesh(num_devices: int | None):
+    """A ``data`` mesh over the first ``num_devices`` devices (None: all of them)."""
+    devices = jax.devices()[:num_devices] if num_devices else jax.devices()
+    return Mesh(np.asarray(devices), (mesh_lib.DATA_AXIS,))
+
+
+def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, args,
+                peaks: dict) -> dict[str, Any]:
+    """The train step on a mesh of ``num_devices`` devices, as `train.train_and_evaluate`
+    jits it: donated state, replicated parameters, the batch split over ``data``."""
     config = make_config(model, dtype)
     objective = objectives.create_objective(config, CIFAR_INFO)
     optimizer = make_optimizer(config.optim)
-    mesh = mesh_lib.make_mesh()
+    mesh = sub_mesh(num_devices)
     replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
     state = jax.jit(
         lambda key: TrainState.create(objective.init(key), optimizer), out_shardings=replicated
@@ -295,19 +336,27 @@ def bench_train(model: str, dtype: str, batch: int, args, peaks: dict) -> dict[s
         holder["state"], metrics = train_step(holder["state"], batch_arrays)
         return holder["state"], metrics
 
-    times = time_calls(one_step, steps=args.steps, warmup=args.warmup)
+    start_cpu = time.process_time()
+    times, _ = time_calls(one_step, steps=args.steps, warmup=args.warmup)
+    cpu_s = time.process_time() - start_cpu
     case = {
         "case": "train_step", "model": model, "dtype": dtype, "batch": batch,
+        "devices": mesh.size,
         "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
         "compile_s": compile_s, "step_s": statistics.median(times),
         "step_s_all": [round(t, 4) for t in times],
-        "xla_flops": xla_flops(compiled), "model_flops": flops,
+        # CPU seconds of this process per wall second over the timed and warm-up steps:
+        # how many cores the step keeps busy (on a CPU backend).
+        "cores_busy": cpu_s / (sum(times) * (1 + args.warmup / max(args.steps, 1))),
+        # XLA's cost analysis of a partitioned program is not the global count: one device.
+        "xla_flops": xla_flops(compiled) if mesh.size == 1 else None,
         "traces": len(traces), "state_donated": bool(old_leaf.is_deleted()),
         "peak_next_to_case_flops_per_s": peak["flops_per_s"],
         "memory": memory_report(compiled), "load_average": load_average(),
     }
     peaks.setdefault(dtype, []).append(peak["flops_per_s"])
-    _rates(case, images=batch, flops=flops, peak=peak["flops_per_s"])
+    _rates(case, images=batch, flops=flops, extra=ddpm_extra_flops(model, batch, 3),
+           peak=peak["flops_per_s"])
     return case
 
 
@@ -325,12 +374,14 @@ def _apply(model):
 
 
 def bench_sampling(args, peaks: dict) -> list[dict[str, Any]]:
+    """Each sampler with ``--sample-steps`` network evaluations: one compiled loop, the
+    samples split over every device (as ``--mode=sample`` does)."""
     config, model, params = _eval_model(args, 1000)
     d = config.diffusion
     schedule = schedules.get_schedule(d.schedule, d.num_timesteps)
     apply = _apply(model)
     shape = (args.sample_batch,) + CIFAR_INFO.shape
-    mesh = mesh_lib.make_mesh()
+    mesh = sub_mesh(None)
     cases = []
     for sampler in args.samplers.split(","):
         def draw(params, key, sampler=sampler):
@@ -344,21 +395,25 @@ def bench_sampling(args, peaks: dict) -> list[dict[str, Any]]:
         jitted = jax.jit(draw, out_shardings=mesh_lib.data_sharded(mesh))
         key = jax.random.key(2)
         compiled, flops, compile_s = compile_timed(jitted, params, key)
-        times = time_calls(lambda: compiled(params, key), steps=args.eval_steps, warmup=1)
+        times, _ = time_calls(lambda: compiled(params, key), steps=args.eval_steps, warmup=1)
         case = {
             "case": "sample", "sampler": sampler, "model": args.eval_model,
-            "dtype": args.eval_dtype, "batch": args.sample_batch,
+            "dtype": args.eval_dtype, "batch": args.sample_batch, "devices": mesh.size,
             "network_evals": args.sample_steps, "compile_s": compile_s,
             "step_s": statistics.median(times), "step_s_all": [round(t, 4) for t in times],
-            "model_flops": flops, "load_average": load_average(),
+            "load_average": load_average(),
         }
-        _rates(case, images=args.sample_batch, flops=flops, peak=_peak(peaks, args.eval_dtype))
+        extra = ddpm_extra_flops(args.eval_model, args.sample_batch, args.sample_steps)
+        _rates(case, images=args.sample_batch, flops=flops, extra=extra,
+               peak=_peak(peaks, args.eval_dtype))
         case["image_evals_per_s"] = case["images_per_s"] * args.sample_steps
         cases.append(case)
     return cases
 
 
 def bench_bpd(args, peaks: dict) -> dict[str, Any]:
+    """`likelihood.calc_bpd_loop` over all T steps: one compiled loop, the batch split over
+    every device (as ``--mode=eval`` does); one timed call (T network evaluations)."""
     config, model, params = _eval_model(args, args.bpd_timesteps)
     d = config.diffusion
     schedule = schedules.get_schedule(d.schedule, d.num_timesteps)
@@ -371,21 +426,26 @@ def bench_bpd(args, peaks: dict) -> dict[str, Any]:
         )
         return out["total_bpd"]
 
-    x = jnp.asarray(np.random.default_rng(0).uniform(
-        -1, 1, (args.bpd_batch,) + CIFAR_INFO.shape).astype(np.float32))
+    mesh = sub_mesh(None)
+    replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
+    images = np.random.default_rng(0).uniform(-1, 1, (args.bpd_batch,) + CIFAR_INFO.shape)
+    x = jax.device_put(images.astype(np.float32), sharded)
     key = jax.random.key(3)
-    compiled, flops, compile_s = compile_timed(jax.jit(bound), params, x, key)
-    times = time_calls(lambda: compiled(params, x, key), steps=args.eval_steps, warmup=1)
-    total_bpd = np.asarray(compiled(params, x, key))
+    jitted = jax.jit(bound, in_shardings=(replicated, sharded, replicated),
+                     out_shardings=sharded)
+    compiled, flops, compile_s = compile_timed(jitted, params, x, key)
+    times, total_bpd = time_calls(lambda: compiled(params, x, key), steps=1, warmup=0)
     case = {
         "case": "bpd", "model": args.eval_model, "dtype": args.eval_dtype,
-        "batch": args.bpd_batch, "num_timesteps": args.bpd_timesteps,
+        "batch": args.bpd_batch, "devices": mesh.size, "num_timesteps": args.bpd_timesteps,
         "compile_s": compile_s, "step_s": statistics.median(times),
-        "step_s_all": [round(t, 4) for t in times], "model_flops": flops,
-        "mean_total_bpd_of_untrained_model": float(total_bpd.mean()),
+        "step_s_all": [round(t, 4) for t in times],
+        "mean_total_bpd_of_untrained_model": float(np.mean(total_bpd)),
         "load_average": load_average(),
     }
-    _rates(case, images=args.bpd_batch, flops=flops, peak=_peak(peaks, args.eval_dtype))
+    extra = ddpm_extra_flops(args.eval_model, args.bpd_batch, args.bpd_timesteps)
+    _rates(case, images=args.bpd_batch, flops=flops, extra=extra,
+           peak=_peak(peaks, args.eval_dtype))
     return case
 
 
@@ -402,10 +462,12 @@ def bench_data(args) -> list[dict[str, Any]]:
             start_step=0, process_index=0, process_count=1,
         )
         next(iterator)  # readers started, first batch ready
+        # Many more batches than the prefetch buffer holds: the sustained rate.
+        count = max(args.data_batches, 5 * prefetch)
         start = time.perf_counter()
-        for _ in range(args.data_batches):
+        for _ in range(count):
             next(iterator)
-        seconds = (time.perf_counter() - start) / args.data_batches
+        seconds = (time.perf_counter() - start) / count
         cases.append({
             "case": "data", "source": "tfds mock_data cifar10 + grain", "prefetch": prefetch,
             "batch": args.data_batch, "step_s": seconds, "images_per_s": args.data_batch / seconds,
@@ -435,7 +497,7 @@ def bench_loop(args) -> dict[str, Any]:
     last = json.loads(lines[-1])  # the second half: compiled, steady state
     return {
         "case": "train_loop", "model": args.loop_model, "batch": args.loop_batch,
-        "steps": args.loop_steps, "wall_s_with_compile": wall,
+        "devices": jax.device_count(), "steps": args.loop_steps, "wall_s_with_compile": wall,
         "steps_per_sec": last.get("steps_per_sec"), "images_per_s": last.get("images_per_sec"),
         "data_wait_fraction": last.get("data_wait_fraction"),
         "load_average": load_average(),
@@ -456,6 +518,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cases", default=",".join(ALL_CASES), help=f"any of {ALL_CASES}")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: a micro U-Net, tiny batches, T = 50 (no real figures)")
+    p.add_argument("--cpu-devices", default="cores",
+                   help="CPU backend: 'cores' = one JAX device per core (unless XLA_FLAGS "
+                        "sets a device count), or a number; ignored by GPU/TPU runs")
+    p.add_argument("--meshes", default="1,all",
+                   help="devices of the train-step mesh: '1' (one device, all cores as its "
+                        "threads) and/or 'all' (data parallel over every device)")
     p.add_argument("--train-models", default="cifar,small")
     p.add_argument("--dtypes", default="float32,bfloat16", help="train step compute dtypes")
     p.add_argument("--bf16-models", default="small",
@@ -466,34 +534,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     p.add_argument("--eval-model", default="small", help="network for sample and bpd")
     p.add_argument("--eval-dtype", default="float32")
-    p.add_argument("--eval-steps", type=int, default=2, help="timed calls per sample/bpd case")
+    p.add_argument("--eval-steps", type=int, default=2, help="timed calls per sampler")
     p.add_argument("--sample-batch", type=int, default=8)
     p.add_argument("--sample-steps", type=int, default=10, help="network evaluations")
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--bpd-batch", type=int, default=2)
     p.add_argument("--bpd-timesteps", type=int, default=1000)
     p.add_argument("--data-batch", type=int, default=128)
-    p.add_argument("--data-batches", type=int, default=20)
+    p.add_argument("--data-batches", type=int, default=50)
     p.add_argument("--prefetch", type=int, default=4, help="data.prefetch for data and loop")
     p.add_argument("--loop-model", default="small")
     p.add_argument("--loop-batch", type=int, default=16)
-    p.add_argument("--loop-steps", type=int, default=12)
+    p.add_argument("--loop-steps", type=int, default=8)
     p.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak")
     args = p.parse_args(argv)
-    if args.quick:
-        args.train_models, args.bf16_models = "micro", "micro"
-        args.train_batch = args.small_batch = args.loop_batch = 2 * jax.device_count()
-        args.steps, args.eval_steps, args.eval_model, args.loop_model = 2, 1, "micro", "micro"
-        args.sample_batch = args.bpd_batch = jax.device_count()
-        args.sample_steps, args.bpd_timesteps = 2, 50
-        args.data_batch, args.data_batches, args.loop_steps = 16, 3, 4
-        args.peak_size = args.peak_size or 256
-    if args.peak_size is None:
-        args.peak_size = 4096 if jax.devices()[0].platform == "cpu" else 8192
     unknown = set(args.cases.split(",")) - set(ALL_CASES)
     if unknown:
         p.error(f"unknown cases {sorted(unknown)}; valid: {ALL_CASES}")
+    if set(args.meshes.split(",")) - {"1", "all"}:
+        p.error(f"--meshes takes '1' and/or 'all'; got {args.meshes!r}")
     return args
+
+
+def set_cpu_devices(setting: str) -> None:
+    """Before the backend starts: how many devices the CPU backend shows (see --help)."""
+    if setting == "cores":
+        if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+            return
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    else:
+        count = int(setting)
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def apply_quick(args) -> None:
+    """--quick: a micro U-Net and batches of one or two per device (after device setup)."""
+    devices = jax.device_count()
+    args.train_models, args.bf16_models = "micro", "micro"
+    args.train_batch = args.small_batch = args.loop_batch = 2 * devices
+    args.steps, args.eval_steps, args.eval_model, args.loop_model = 2, 1, "micro", "micro"
+    args.sample_batch = args.bpd_batch = devices
+    args.sample_steps, args.bpd_timesteps = 2, 50
+    args.data_batch, args.data_batches, args.loop_steps = 16, 3, 4
+    args.peak_size = args.peak_size or 256
 
 
 def run(args) -> dict[str, Any]:
@@ -502,6 +586,8 @@ def run(args) -> dict[str, Any]:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "environment": environment(), "load_average_start": load_average(),
     }
+    if args.peak_size is None:
+        args.peak_size = 4096 if jax.devices()[0].platform == "cpu" else 8192
     dtypes = args.dtypes.split(",")
     peaks: dict[str, list[float]] = {}
     result["peak_matmul"] = {dt: measure_peak(dt, args.peak_size, reps=5) for dt in dtypes}
@@ -514,6 +600,7 @@ def run(args) -> dict[str, Any]:
             cases.append(case)
             print(f"# {json.dumps(case)}", file=sys.stderr, flush=True)
 
+    meshes = sorted({1 if m == "1" else jax.device_count() for m in args.meshes.split(",")})
     if "train" in cases_wanted:
         for model in args.train_models.split(","):
             batch = args.train_batch if model == "cifar" else args.small_batch
@@ -521,7 +608,8 @@ def run(args) -> dict[str, Any]:
                 if dtype != "float32" and args.bf16_models != "all" and (
                         model not in args.bf16_models.split(",")):
                     continue
-                add(bench_train(model, dtype, batch, args, peaks))
+                for devices in meshes:
+                    add(bench_train(model, dtype, batch, devices, args, peaks))
     if "sample" in cases_wanted:
         add(bench_sampling(args, peaks))
     if "bpd" in cases_wanted:
@@ -538,6 +626,9 @@ def run(args) -> dict[str, Any]:
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    set_cpu_devices(args.cpu_devices)
+    if args.quick:
+        apply_quick(args)
     result = run(args)
     text = json.dumps(result, indent=1)
     print(text)
