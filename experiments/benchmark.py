@@ -401,7 +401,7 @@ def bench_sampling(args, peaks: dict) -> list[dict[str, Any]]:
             "dtype": args.eval_dtype, "batch": args.sample_batch, "devices": mesh.size,
             "network_evals": args.sample_steps, "compile_s": compile_s,
             "step_s": statistics.median(times), "step_s_all": [round(t, 4) for t in times],
-            "load_average": load_average(),
+            "memory": memory_report(compiled), "load_average": load_average(),
         }
         extra = ddpm_extra_flops(args.eval_model, args.sample_batch, args.sample_steps)
         _rates(case, images=args.sample_batch, flops=flops, extra=extra,
@@ -441,7 +441,7 @@ def bench_bpd(args, peaks: dict) -> dict[str, Any]:
         "compile_s": compile_s, "step_s": statistics.median(times),
         "step_s_all": [round(t, 4) for t in times],
         "mean_total_bpd_of_untrained_model": float(np.mean(total_bpd)),
-        "load_average": load_average(),
+        "memory": memory_report(compiled), "load_average": load_average(),
     }
     extra = ddpm_extra_flops(args.eval_model, args.bpd_batch, args.bpd_timesteps)
     _rates(case, images=args.bpd_batch, flops=flops, extra=extra,
@@ -515,6 +515,7 @@ def _peak(peaks: dict, dtype: str) -> float | None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmark.json", help="where to write the JSON")
+    p.add_argument("--markdown", default=None, help="also write the cases as a markdown table")
     p.add_argument("--cases", default=",".join(ALL_CASES), help=f"any of {ALL_CASES}")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: a micro U-Net, tiny batches, T = 50 (no real figures)")
@@ -624,6 +625,38 @@ def run(args) -> dict[str, Any]:
     return result
 
 
+def markdown_table(result: dict[str, Any]) -> str:
+    """The cases of a result as a markdown table (the README's Performance section)."""
+    rows = ["| case | batch | devices | compile s | s / call | images/s | GFLOP / call "
+            "(DDPM count) | GFLOP/s | of peak (DDPM count) | host RSS GB | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in result["cases"]:
+        name = {"train_step": f"train step, {c.get('model')} U-Net, {c.get('dtype')}",
+                "sample": f"sample, {c.get('sampler')}, {c.get('network_evals')} evaluations",
+                "bpd": f"bound, T = {c.get('num_timesteps')}",
+                "data": f"input pipeline, prefetch {c.get('prefetch')}",
+                "train_loop": f"train loop, {c.get('model')} U-Net, input wait "
+                              f"{100 * (c.get('data_wait_fraction') or 0):.2f} %"}[c["case"]]
+
+        def fmt(key, scale=1.0, digits=1):
+            value = c.get(key)
+            return "" if value is None else f"{value / scale:.{digits}f}"
+
+        flops = (f"{fmt('model_flops', 1e9, 0)} ({fmt('ddpm_flops', 1e9, 0)})"
+                 if "model_flops" in c else "")
+        fraction = (f"{fmt('fraction_of_peak', 0.01, 0)} % "
+                    f"({fmt('ddpm_fraction_of_peak', 0.01, 0)} %)"
+                    if "fraction_of_peak" in c else "")
+        rss = c.get("memory", {}).get("host_peak_rss_bytes")
+        cells = [name, str(c.get("batch", "")), str(c.get("devices") or ""), fmt("compile_s"),
+                 fmt("step_s", digits=3), fmt("images_per_s", digits=2), flops,
+                 fmt("model_flops_per_s", 1e9, 0), fraction,
+                 "" if rss is None else f"{rss / 1e9:.1f}",
+                 str((c.get("load_average") or [""])[0])]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     set_cpu_devices(args.cpu_devices)
@@ -633,6 +666,8 @@ def main(argv=None) -> dict[str, Any]:
     text = json.dumps(result, indent=1)
     print(text)
     pathlib.Path(args.out).write_text(text + "\n")
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(markdown_table(result) + "\n")
     return result
 
 

@@ -110,6 +110,13 @@ def test_quick_mode_sampling_bound_and_data_cases(quick_result):
         assert _positive(case["images_per_s"]) and _positive(case["step_s"])
 
 
+def test_markdown_table_has_a_row_per_case(quick_result):
+    table = _load_benchmark().markdown_table(quick_result).splitlines()
+    assert len(table) == 2 + len(quick_result["cases"])
+    assert all(row.startswith("| ") and row.endswith(" |") for row in table[2:])
+    assert table[2].startswith("| train step, micro U-Net, float32 | 4 | 1 |")
+
+
 # --- the FLOP count -------------------------------------------------------------------------
 
 
