@@ -7,6 +7,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion_jax import data
 from diffusion_jax.training import checkpoint, mesh as mesh_lib, objectives, setup, step as step_lib, train
+from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.state import TrainState, make_optimizer
 
 from helpers import tiny_cifar_config, toy_config
@@ -117,6 +118,7 @@ def test_unwritable_workdir(tmp_path):
         ("train", "nan_policy", "ignore", r"train.nan_policy 'ignore'.*\['stop', 'skip'\]"),
         ("train", "num_steps", 0, r"train.num_steps must be a positive int; got 0"),
         ("optim", "ema_decay", 1.0, r"optim.ema_decay must lie in \[0, 1\)"),
+        ("optim", "lr_schedule", "step", r"optim.lr_schedule 'step'.*\['constant', 'cosine'\]"),
     ],
 )
 def test_contradictory_or_invalid_settings(section, field, value, match, tmp_path):
@@ -125,6 +127,24 @@ def test_contradictory_or_invalid_settings(section, field, value, match, tmp_pat
     with pytest.raises(ValueError, match=match):
         train.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cosine_learning_rate_schedule_and_its_bad_settings():
+    config = toy_config()
+    config.optim.update(lr=1.0, warmup_steps=10, lr_schedule="cosine", decay_steps=110,
+                        final_lr_fraction=0.1)
+    setup.validate_config(config)
+    lr = state_lib.learning_rate_schedule(config.optim)
+    # Warmup 0 -> 1 over 10 steps, half cosine to 0.1 over the next 100, then held.
+    for step, want in [(0, 0.0), (5, 0.5), (10, 1.0), (60, 0.55), (110, 0.1), (500, 0.1)]:
+        assert float(lr(step)) == pytest.approx(want, abs=1e-6)
+    config.optim.decay_steps = 10
+    with pytest.raises(ValueError, match=r"optim.decay_steps must be an int > optim.warmup_steps = 10.*got 10"):
+        setup.validate_config(config)
+    config.optim.decay_steps = 110
+    config.optim.final_lr_fraction = 2.0
+    with pytest.raises(ValueError, match=r"optim.final_lr_fraction must be a number in \[0, 1\]; got 2.0"):
+        setup.validate_config(config)
 
 
 def test_sampler_steps_above_T():

@@ -38,8 +38,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _require_positive_int(name, config[section][field])
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ValueError(f"optim.ema_decay must lie in [0, 1); got {config.optim.ema_decay}.")
+    _validate_lr_schedule(config.optim)
     if config.objective == "ddpm":
         _validate_ddpm(config)
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _validate_lr_schedule(optim: ml_collections.ConfigDict) -> None:
+    kind = optim.get("lr_schedule", "constant")
+    gaussian.check_choice("optim.lr_schedule", kind, LR_SCHEDULES)
+    if kind != "cosine":
+        return
+    decay, warmup = optim.get("decay_steps"), int(optim.warmup_steps)
+    if isinstance(decay, bool) or not isinstance(decay, int) or decay <= max(warmup, 0):
+        raise ValueError(
+            f"optim.decay_steps must be an int > optim.warmup_steps = {warmup} for "
+            f"lr_schedule 'cosine' (the step where the decay ends); got {decay!r}."
+        )
+    fraction = optim.get("final_lr_fraction")
+    if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ValueError(
+            f"optim.final_lr_fraction must be a number in [0, 1]; got {fraction!r}."
+        )
 
 
 def _validate_ddpm(config: ml_collections.ConfigDict) -> None:

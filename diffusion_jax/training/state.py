@@ -41,13 +41,23 @@ class TrainState:
 
 
 def learning_rate_schedule(optim_config) -> optax.Schedule:
-    """lr * min(1, step / warmup_steps): DDPM's linear warmup, then constant."""
+    """The learning rate per step: DDPM's linear warmup to ``lr``, then constant.
+
+    ``lr_schedule='cosine'`` (optional field; default 'constant') decays it after the
+    warmup along a half cosine to ``lr * final_lr_fraction`` at step ``decay_steps`` and
+    holds it there. Fields checked by `setup.validate_config`.
+    """
     lr, warmup = float(optim_config.lr), int(optim_config.warmup_steps)
+    kind = optim_config.get("lr_schedule", "constant")
+    if kind == "cosine":
+        decay = optax.cosine_decay_schedule(
+            lr, int(optim_config.decay_steps) - warmup, float(optim_config.final_lr_fraction)
+        )
+    else:
+        decay = optax.constant_schedule(lr)
     if warmup <= 0:
-        return optax.constant_schedule(lr)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
-    )
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
 def make_optimizer(optim_config) -> optax.GradientTransformation:
