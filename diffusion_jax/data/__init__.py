@@ -8,10 +8,10 @@ The training code needs two functions::
         process_index=jax.process_index(), process_count=jax.process_count())
 
 Images come out as ``{'image': float32 (B, H, W, C) in [-1, 1], 'label': int32 (B,)}``,
-toy data as ``{'x': float32 (B, 2)}``. The batch of global step s is a pure function of
-(seed, s, process_index, process_count) (see `indexing`), so resuming at step s needs
-nothing but s. This package does not import TensorFlow, and ``import diffusion_jax`` does
-not import it.
+toy data as ``{'x': float32 (B, D)}`` (D = 2; 20 for the binary heartbeat). The batch of
+global step s is a pure function of (seed, s, process_index, process_count) (see
+`indexing`), so resuming at step s needs nothing but s. This package does not import
+TensorFlow, and ``import diffusion_jax`` does not import it.
 """
 
 from diffusion_jax.data.embedded import digits_source, load_digits_uint8
@@ -42,7 +42,9 @@ from diffusion_jax.data.tfds_source import open_tfds_source, prepare_command
 from diffusion_jax.data.toy import (
     GaussianMixture,
     ring_mixture,
+    sample_heartbeat,
     sample_swiss_roll,
+    toy_dim,
     toy_heldout_set,
     toy_mixture,
 )
@@ -70,7 +72,9 @@ __all__ = [
     "prepare_command",
     "process_positions",
     "ring_mixture",
+    "sample_heartbeat",
     "sample_swiss_roll",
+    "toy_dim",
     "toy_heldout_set",
     "toy_mixture",
     "uint8_to_float",

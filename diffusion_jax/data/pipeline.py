@@ -10,8 +10,8 @@ step does not wait for input.
 Config fields (``ml_collections.ConfigDict`` or any object with attributes; missing
 optional fields take the defaults):
 
-- ``name`` (required): 'digits', 'swiss_roll', 'gaussian_mixture', or any TFDS image data
-  set ('cifar10', 'mnist', 'fashion_mnist', ...).
+- ``name`` (required): 'digits', 'swiss_roll', 'gaussian_mixture', 'heartbeat' (binary
+  sequences of length 20), or any TFDS image data set ('cifar10', 'mnist', ...).
 - ``split`` ('train'): for TFDS any split string; for digits 'train' | 'test' | 'all'.
   Ignored by the toy sets.
 - ``data_dir`` (None): the TFDS data directory; None means TFDS's default.
@@ -165,7 +165,7 @@ def dataset_info(data_config: Any) -> DataInfo:
     """
     config = parse_data_config(data_config)
     if config.is_toy:
-        return DataInfo(config.name, "vector", (2,), None, None)
+        return DataInfo(config.name, "vector", (toy.toy_dim(config.name),), None, None)
     if config.name == "digits":
         shape = embedded.digits_shape(config.image_size)
         count = embedded.digits_num_examples(config.split)
@@ -212,7 +212,7 @@ def make_batch_fn(
     Returns:
       for images: ``step -> {'image': float32 (B, H, W, C) in [-1, 1], 'label': int32 (B,)}``
       ('label' only when the data set has labels); for toy data:
-      ``step -> {'x': float32 (B, 2)}``.
+      ``step -> {'x': float32 (B, D)}`` (D = 2, or 20 for heartbeat).
     """
     config = parse_data_config(data_config)
     indexing.check_process_args(per_process_batch, process_index, process_count)
@@ -250,7 +250,7 @@ def create_data_iterator(
     Returns:
       a grain iterator; batch k equals ``make_batch_fn(...)(start_step + k)``:
       ``{'image': float32 (B, H, W, C) in [-1, 1], 'label': int32 (B,)}`` for images
-      (no 'label' if the data set has none), ``{'x': float32 (B, 2)}`` for toy data.
+      (no 'label' if the data set has none), ``{'x': float32 (B, D)}`` for toy data.
     """
     if (
         isinstance(start_step, bool)

@@ -1,4 +1,4 @@
-"""Two-dimensional toy data: the swiss roll and a Gaussian mixture with a known density.
+"""Toy data: the swiss roll, a Gaussian mixture with a known density, binary heartbeats.
 
 Sohl-Dickstein et al. (2015), Appendix D.1.1, trains on a "swiss roll" without saying
 which one. The generator used here, exactly:
@@ -17,6 +17,16 @@ The Gaussian mixture has equal weights and isotropic components whose means sit 
 a circle: mean k = radius * (cos(2 pi k / K), sin(2 pi k / K)). Defaults K = 8,
 radius = 1.4, std = 0.1: the per-coordinate variance is radius**2 / 2 + std**2 = 0.99.
 Its exact log-density (`GaussianMixture.log_prob`) scores model samples.
+
+The binary heartbeat (Sohl-Dickstein et al. 2015, Appendix D.1.2) is a sequence of
+HEARTBEAT_LENGTH = 20 bins with a 1 in every HEARTBEAT_PERIOD = 5th bin and 0 elsewhere;
+the phase (the first 1) is uniform over the first five bins:
+
+    phase ~ U{0, ..., 4},    x_k = 1 if k % 5 == phase else 0,   k = 0..19
+
+so there are 5 equally likely sequences (log2(1/5) = -2.322 bits per sequence is the true
+log-likelihood), each with exactly 4 ones: every bin is on with probability 0.2, the mean
+activity the paper's binomial prior uses. Returned as float32 {0, 1} arrays (B, 20).
 
 Training batches are fresh samples each step: the global batch of step s is drawn from a
 NumPy generator seeded with (seed, stream, s), and process p takes its contiguous slice,
@@ -39,7 +49,9 @@ SWISS_ROLL_NOISE = 0.05
 MIXTURE_COMPONENTS = 8
 MIXTURE_RADIUS = 1.4
 MIXTURE_STD = 0.1
-TOY_NAMES = ("swiss_roll", "gaussian_mixture")
+HEARTBEAT_LENGTH = 20
+HEARTBEAT_PERIOD = 5
+TOY_NAMES = ("swiss_roll", "gaussian_mixture", "heartbeat")
 
 _TRAIN_STREAM = 11
 _HELDOUT_STREAM = 12
@@ -86,6 +98,23 @@ def sample_swiss_roll(
     z = (r - mean) / std
     x = (z + noise * rng.standard_normal((num, 2))) / np.sqrt(1.0 + noise**2)
     return x.astype(np.float32)
+
+
+def sample_heartbeat(rng: np.random.Generator, num: int) -> np.ndarray:
+    """Binary heartbeats (module docstring): float32 (num, 20) of 0s and 1s.
+
+    A 1 every HEARTBEAT_PERIOD bins, the phase uniform over the first HEARTBEAT_PERIOD.
+    """
+    phase = rng.integers(0, HEARTBEAT_PERIOD, size=num)
+    bins = np.arange(HEARTBEAT_LENGTH)
+    return (bins[None, :] % HEARTBEAT_PERIOD == phase[:, None]).astype(np.float32)
+
+
+def toy_dim(name: str) -> int:
+    """The length D of a toy data set's vectors: 2 for the 2-D sets, 20 for heartbeat."""
+    if name not in TOY_NAMES:
+        raise ValueError(f"unknown toy data set {name!r}; valid: {list(TOY_NAMES)}.")
+    return HEARTBEAT_LENGTH if name == "heartbeat" else 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +185,11 @@ def ring_mixture(
 
 
 def toy_sampler(name: str, **options) -> Callable[[np.random.Generator, int], np.ndarray]:
-    """``sample(rng, num) -> float32 (num, 2)`` for a toy data set.
+    """``sample(rng, num) -> float32 (num, D)`` for a toy data set (D from `toy_dim`).
 
     Args:
-      name: 'swiss_roll' (option: noise) or 'gaussian_mixture' (options:
-        num_components, radius, component_std).
+      name: 'swiss_roll' (option: noise), 'gaussian_mixture' (options:
+        num_components, radius, component_std) or 'heartbeat' (no options).
     """
     if name == "swiss_roll":
         noise = options.get("noise")
@@ -168,6 +197,8 @@ def toy_sampler(name: str, **options) -> Callable[[np.random.Generator, int], np
         return lambda rng, num: sample_swiss_roll(rng, num, noise=noise)
     if name == "gaussian_mixture":
         return toy_mixture(**options).sample
+    if name == "heartbeat":
+        return sample_heartbeat
     raise ValueError(f"unknown toy data set {name!r}; valid: {list(TOY_NAMES)}.")
 
 
@@ -197,7 +228,7 @@ def make_toy_batch_fn(
     process_count: int,
     **options,
 ) -> Callable[[int], dict[str, np.ndarray]]:
-    """``batch_fn(step) -> {'x': float32 (B, 2)}``, a pure function of (seed, step, p, P).
+    """``batch_fn(step) -> {'x': float32 (B, D)}``, a pure function of (seed, step, p, P).
 
     The global batch of B * P samples is drawn from a generator seeded with (seed, step);
     process p returns rows [p * B, (p + 1) * B).
@@ -218,7 +249,7 @@ def make_toy_batch_fn(
 def toy_heldout_set(
     name: str, num_examples: int = 10_000, *, seed: int = 0, **options
 ) -> np.ndarray:
-    """A fixed held-out set: float32 (num_examples, 2), the same for the same arguments.
+    """A fixed held-out set: float32 (num_examples, D), the same for the same arguments.
 
     Drawn from a stream the training batches never use.
     """

@@ -63,14 +63,16 @@ class MLP(nn.Module):
         """Applies the network.
 
         Args:
-          x: data ``x_t``, float of shape (B, D).
-          t: steps, integer of shape (B,) with values in ``[0, T)``. The range is checked
-            when ``t`` is concrete; inside ``jit`` it is the caller's duty (an out-of-range
-            ``t`` would silently read another step's readout row).
+          x: data ``x_t``, float of shape (B, D); or (S, B, D), S blocks of B rows that
+            share a step (block s is at step ``t[s]``): the per-step readout is then one
+            batched matmul instead of a gather of a (hidden, out) matrix per row.
+          t: steps, integer of shape (B,) (or (S,) for blocks) with values in ``[0, T)``.
+            The range is checked when ``t`` is concrete; inside ``jit`` it is the caller's
+            duty (an out-of-range ``t`` would silently read another step's readout row).
           train: unused (no dropout); accepted so every model has the same call signature.
 
         Returns:
-          float32 array of shape (B, out_dim or D).
+          float32 array of shape (B, out_dim or D), or (S, B, out_dim or D) for blocks.
         """
         del train
         act = self._check_config()
@@ -86,7 +88,8 @@ class MLP(nn.Module):
         for i, width in enumerate(self.features):
             h = nn.Dense(width, name=f"hidden_{i}")(h)
             if temb is not None:
-                h = h + nn.Dense(width, name=f"temb_proj_{i}")(temb)
+                proj = nn.Dense(width, name=f"temb_proj_{i}")(temb)
+                h = h + (proj[:, None, :] if h.ndim == 3 else proj)
             h = act(h)
 
         if not self.per_step_readout:
@@ -104,6 +107,8 @@ class MLP(nn.Module):
         bias = self.param(
             "readout_bias", nn.initializers.zeros, (self.num_timesteps, out_dim), jnp.float32
         )
+        if h.ndim == 3:  # blocks of rows sharing a step
+            return jnp.einsum("sbh,sho->sbo", h, kernel[t]) + bias[t][:, None, :]
         return jnp.einsum("bh,bho->bo", h, kernel[t]) + bias[t]
 
     def _check_config(self) -> Callable[[jax.Array], jax.Array]:
@@ -128,11 +133,15 @@ class MLP(nn.Module):
         return ACTIVATIONS[self.activation]
 
     def _check_inputs(self, x: jax.Array, t: jax.Array) -> None:
-        if jnp.ndim(x) != 2:
-            raise ValueError(f"MLP: x must have shape (B, D), got shape {jnp.shape(x)}")
-        if jnp.shape(t) != (x.shape[0],):
+        if jnp.ndim(x) != 2 and not (jnp.ndim(x) == 3 and self.per_step_readout):
             raise ValueError(
-                f"MLP: t must have shape (B,) = ({x.shape[0]},), got shape {jnp.shape(t)}"
+                f"MLP: x must have shape (B, D) (or (S, B, D), blocks of rows sharing a "
+                f"step, with per_step_readout), got shape {jnp.shape(x)}"
+            )
+        if jnp.shape(t) != (x.shape[0],):
+            what = "(B,)" if jnp.ndim(x) == 2 else "(S,) (one step per block)"
+            raise ValueError(
+                f"MLP: t must have shape {what} = ({x.shape[0]},), got shape {jnp.shape(t)}"
             )
         if not jnp.issubdtype(jnp.result_type(t), jnp.integer):
             raise ValueError(f"MLP: t must be an integer array, got dtype {jnp.result_type(t)}")

@@ -12,14 +12,17 @@ fails):
   features, activation, per_step_readout.
 - ``diffusion``: schedule ('linear' | 'cosine' | 'sohl_dickstein'), num_timesteps,
   mean_type, var_type, loss_type, decoder_type.
-- ``optim``: lr, warmup_steps, grad_clip, beta1, beta2, eps, weight_decay, ema_decay,
-  ema_warmup.
+- ``optim``: lr, warmup_steps, lr_schedule ('constant' | 'cosine': decay to
+  lr * final_lr_fraction at step decay_steps), grad_clip, beta1, beta2, eps,
+  weight_decay, ema_decay, ema_warmup.
 - ``train``: batch_size (global, over all devices and processes), num_steps, log_every,
   checkpoint_every, keep_checkpoints, sample_every (0: no sample grids),
   nan_policy ('stop' | 'skip'), restart_if_unreadable (start from step 0 when every
   checkpoint is damaged; they are moved to checkpoints_damaged/, never deleted).
 - ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, num_samples,
   clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call).
+- ``dpm2015``: the 2015 paper's objectives (schedule, beta_1, baseline, mean_gain,
+  prior_prob, kl_estimator, t_per_example, rbf_hidden); see `objectives_2015`.
 - ``eval`` (``--mode=eval``): split, num_examples (rounded down to whole global batches),
   batch_size (global), iw_samples (K of the importance-weighted estimate; 0 = off),
   clip_denoised.
@@ -71,6 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-4
     c.optim.warmup_steps = 5000
+    c.optim.lr_schedule = "constant"  # or "cosine" (after the warmup)
+    c.optim.decay_steps = 0  # cosine: the step where the decay ends (> warmup_steps)
+    c.optim.final_lr_fraction = 0.0  # cosine: lr * this from decay_steps on
     c.optim.grad_clip = 1.0
     c.optim.beta1 = 0.9
     c.optim.beta2 = 0.999
@@ -104,6 +110,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.iw_samples = 0
     c.eval.clip_denoised = True
 
+    # The 2015 paper's objectives (objective 'dpm2015_gaussian' | 'dpm2015_binomial'; see
+    # training/objectives_2015.py). T is diffusion.num_timesteps.
+    c.dpm2015 = ml_collections.ConfigDict()
+    c.dpm2015.schedule = "learned"  # Gaussian betas: 'learned' (Sec. 2.4.1) | 'fixed'
+    c.dpm2015.beta_1 = 1e-3  # the fixed first Gaussian step's beta
+    c.dpm2015.baseline = "sohl_dickstein"  # learned betas start here: or "geometric"
+    c.dpm2015.mean_gain = False  # fixed per-step 1 / sqrt(1 - abar_{t-1}) on z_mu
+    c.dpm2015.prior_prob = 0.5  # binomial prior B(p)
+    c.dpm2015.kl_estimator = "all"  # 'all' KL terms per example | 'uniform' t ~ U[1, T)
+    c.dpm2015.t_per_example = 1  # draws of t per example for 'uniform'
+    c.dpm2015.rbf_hidden = 16  # units of the normalized RBF net (model.name 'rbf')
     return c
 
 

@@ -134,8 +134,22 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
     )
 
 
+def _dpm2015_gaussian(config, info) -> Objective:
+    from diffusion_jax.training import objectives_2015  # imported here: it imports us
+
+    return objectives_2015.gaussian_objective(config, info)
+
+
+def _dpm2015_binomial(config, info) -> Objective:
+    from diffusion_jax.training import objectives_2015
+
+    return objectives_2015.binomial_objective(config, info)
+
+
 OBJECTIVES: dict[str, Callable[[ml_collections.ConfigDict, Any], Objective]] = {
     "ddpm": ddpm_objective,
+    "dpm2015_gaussian": _dpm2015_gaussian,
+    "dpm2015_binomial": _dpm2015_binomial,
 }
 
 
