@@ -246,6 +246,14 @@ def test_bad_config_values():
     config.diffusion.num_timesteps = 1
     with pytest.raises(ValueError, match=r"num_timesteps must be an int >= 2"):
         objectives_2015.build_model(config, info, "gaussian")
+    config, _ = tiny_swissroll()
+    config.data.name = "digits"
+    with pytest.raises(ValueError, match=r"need vector data of shape \(D,\); data.name 'digits'"):
+        objectives_2015.build_model(config, data.dataset_info(config.data), "gaussian")
+    config, info = tiny_swissroll()
+    config.dpm2015.beta_1 = 1.5
+    with pytest.raises(ValueError, match=r"dpm2015.beta_1 must lie in \(0, 1\); got 1.5"):
+        objectives_2015.build_model(config, info, "gaussian")
 
 
 @pytest.mark.parametrize("network", ["rbf", "mlp"])

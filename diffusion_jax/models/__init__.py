@@ -3,12 +3,15 @@
 - :class:`UNet`: the DDPM U-Net for NHWC images (Ho et al. 2020).
 - :class:`MLP`: a time-conditioned MLP for (B, D) data, optionally with a per-step readout
   (Sohl-Dickstein et al. 2015).
+- :class:`NormalizedRBF`: a normalized radial-basis-function net with a readout per step
+  (the 2015 paper's swiss roll network).
 - :func:`timestep_embedding`: DDPM's sinusoidal embedding of the step ``t``.
 
 The models know nothing of schedules or losses: they map ``(x_t, t)`` to an array.
 """
 
 from diffusion_jax.models.mlp import MLP
+from diffusion_jax.models.rbf import NormalizedRBF
 from diffusion_jax.models.unet import UNet, timestep_embedding
 
-__all__ = ["MLP", "UNet", "timestep_embedding"]
+__all__ = ["MLP", "NormalizedRBF", "UNet", "timestep_embedding"]
