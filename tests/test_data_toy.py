@@ -149,3 +149,21 @@ def test_heldout_set_is_fixed_and_not_a_training_batch():
     )(0)["x"]
     assert not np.isin(first, train).any()
     assert not np.array_equal(first, data.toy_heldout_set("swiss_roll", 1000, seed=1))
+
+
+@pytest.mark.parametrize("name", ["swiss_roll", "heartbeat"])
+def test_test_split_batches_are_never_training_batches(name):
+    def batches(split, steps):
+        fn = data.make_batch_fn({"name": name, "split": split}, per_process_batch=64, seed=0,
+                                process_index=0, process_count=1)
+        return np.concatenate([fn(s)["x"] for s in steps])
+
+    test = batches("test", range(3))
+    np.testing.assert_array_equal(test, batches("test", range(3)))  # fixed
+    train = batches("train", range(50))
+    if name == "swiss_roll":  # continuous: no point in common
+        assert not np.isin(test, train).any()
+    else:  # 5 possible sequences: different draws, same law
+        assert not np.array_equal(test[:64], train[:64])
+    with pytest.raises(ValueError, match=r"data.split for the toy data set .* \['train', 'test'\].*got 'validation'"):
+        data.dataset_info({"name": name, "split": "validation"})

@@ -12,8 +12,8 @@ optional fields take the defaults):
 
 - ``name`` (required): 'digits', 'swiss_roll', 'gaussian_mixture', 'heartbeat' (binary
   sequences of length 20), or any TFDS image data set ('cifar10', 'mnist', ...).
-- ``split`` ('train'): for TFDS any split string; for digits 'train' | 'test' | 'all'.
-  Ignored by the toy sets.
+- ``split`` ('train'): for TFDS any split string; for digits 'train' | 'test' | 'all';
+  for the toy sets 'train' | 'test' (fresh samples from a stream no training batch uses).
 - ``data_dir`` (None): the TFDS data directory; None means TFDS's default.
 - ``random_flip`` (False): horizontal flips, images only.
 - ``image_size`` (None): digits only: None/8 or larger (see `embedded`); for TFDS sets
@@ -142,6 +142,11 @@ def parse_data_config(config: Any) -> DataConfig:
             f"data.random_flip and data.image_size apply to images only; {name!r} is 2-D "
             "toy data: set random_flip=False and image_size=None."
         )
+    if parsed.is_toy and parsed.split not in toy.TOY_SPLITS:
+        raise ValueError(
+            f"data.split for the toy data set {name!r} must be one of {list(toy.TOY_SPLITS)} "
+            f"('test' draws from a stream no training batch uses); got {parsed.split!r}."
+        )
     if parsed.name == "digits":
         embedded.check_image_size(parsed.image_size, parsed.resize)
         embedded.split_slice(parsed.split)
@@ -223,7 +228,9 @@ def make_batch_fn(
         process_count=process_count,
     )
     if config.is_toy:
-        return toy.make_toy_batch_fn(config.name, **process_args, **config.toy_options)
+        return toy.make_toy_batch_fn(
+            config.name, split=config.split, **process_args, **config.toy_options
+        )
     source = open_image_source(config)
     return images.make_image_batch_fn(source, random_flip=config.random_flip, **process_args)
 

@@ -55,6 +55,8 @@ TOY_NAMES = ("swiss_roll", "gaussian_mixture", "heartbeat")
 
 _TRAIN_STREAM = 11
 _HELDOUT_STREAM = 12
+_TEST_BATCH_STREAM = 13
+TOY_SPLITS = ("train", "test")
 _MASK64 = (1 << 64) - 1
 
 
@@ -226,21 +228,30 @@ def make_toy_batch_fn(
     per_process_batch: int,
     process_index: int,
     process_count: int,
+    split: str = "train",
     **options,
 ) -> Callable[[int], dict[str, np.ndarray]]:
     """``batch_fn(step) -> {'x': float32 (B, D)}``, a pure function of (seed, step, p, P).
 
-    The global batch of B * P samples is drawn from a generator seeded with (seed, step);
-    process p returns rows [p * B, (p + 1) * B).
+    The global batch of B * P samples is drawn from a generator seeded with (seed, split,
+    step); process p returns rows [p * B, (p + 1) * B). ``split='train'`` gives the
+    training batches, ``split='test'`` batches from another stream, never a training batch
+    (what ``--mode=eval`` scores).
     """
     indexing.check_process_args(per_process_batch, process_index, process_count)
+    if split not in TOY_SPLITS:
+        raise ValueError(
+            f"toy data set {name!r}: split must be one of {list(TOY_SPLITS)} ('test' draws "
+            f"from a stream no training batch uses); got {split!r}."
+        )
+    stream = _TRAIN_STREAM if split == "train" else _TEST_BATCH_STREAM
     sample = toy_sampler(name, **options)
     start = process_index * per_process_batch
 
     def batch_fn(step: int) -> dict[str, np.ndarray]:
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}.")
-        x = sample(_rng(seed, _TRAIN_STREAM, step), per_process_batch * process_count)
+        x = sample(_rng(seed, stream, step), per_process_batch * process_count)
         return {"x": x[start : start + per_process_batch]}
 
     return batch_fn
