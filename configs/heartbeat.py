@@ -14,6 +14,10 @@ T - 1 KL terms of Eq. 14 is evaluated for every example of a batch (the network 
 (T - 1) x 16 rows per step), so every step's readout gets a gradient at every step; the
 learning rate decays along a cosine.
 
+Evaluate (K and K - L_null in bits with standard errors, on sequences no training batch
+used; appended to metrics.jsonl):
+  python launch.py --config=configs/heartbeat.py --workdir=runs/heartbeat --mode=eval
+
 Expected: K >= -2.414 bits per sequence on held-out data (the paper's value; K - L_null
 12.024 bits), see experiments/dpm2015/results.md for the numbers and the training time on
 a 2-core CPU. ``:tiny`` is a smoke test (seconds).
@@ -45,6 +49,9 @@ def get_config(variant: str | None = None):
     c.train.log_every = 500
     c.train.checkpoint_every = 2500
     c.train.sample_every = 0
+    # --mode=eval: K and K - L_null with standard errors on 2000 test-split sequences.
+    c.eval.num_examples = 2000
+    c.eval.batch_size = 400
     if variant == "tiny":
         c.model.features = (16, 16)
         c.diffusion.num_timesteps = 20

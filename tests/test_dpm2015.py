@@ -13,7 +13,7 @@ import pytest
 from diffusion_jax import data, dpm2015, schedules
 from diffusion_jax.data import toy
 from diffusion_jax.models.rbf import NormalizedRBF
-from diffusion_jax.training import objectives_2015, train
+from diffusion_jax.training import evaluate, objectives_2015, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -226,6 +226,15 @@ def test_swissroll_tiny_training_improves_k_and_resumes(tmp_path):
     after = objectives_2015.evaluate_bound(model, whole.params, x0, key=jax.random.key(5))
     gain = after["K_minus_null_bits"].mean() - before["K_minus_null_bits"].mean()
     assert gain > 0.3, (before["K_minus_null_bits"].mean(), after["K_minus_null_bits"].mean())
+    # --mode=eval: K and K - L_null of the EMA parameters on test-split batches, with
+    # standard errors, agree with the held-out evaluation above within their errors.
+    config.eval.num_examples, config.eval.batch_size = 1024, 256
+    ev = evaluate.evaluate_checkpoint(config, tmp_path / "whole")
+    ema = objectives_2015.evaluate_bound(model, whole.ema_params, x0, key=jax.random.key(6))
+    se = math.hypot(ev["eval/K_minus_null_bits_stderr"],
+                    ema["K_minus_null_bits"].std() / math.sqrt(x0.shape[0]))
+    assert ev["eval/num_examples"] == 1024 and 0 < ev["eval/K_bits_stderr"] < 0.5
+    assert abs(ev["eval/K_minus_null_bits"] - ema["K_minus_null_bits"].mean()) < 5 * se
     # Learned betas live in params, so a run split in two ends where the whole run does.
     steps = config.train.num_steps
     config.train.num_steps = steps // 2
