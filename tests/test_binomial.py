@@ -190,8 +190,10 @@ def load_config(name, variant):
     return module.get_config(variant)
 
 
-def test_gradient_reaches_every_readout():
+@pytest.mark.parametrize("basis", [0, 8])
+def test_gradient_reaches_every_readout(basis):
     config = load_config("heartbeat.py", "tiny")
+    config.dpm2015.readout_basis = basis
     info = data.dataset_info(config.data)
     model = objectives_2015.build_model(config, info, "binomial")
     params = model.init(jax.random.key(0))
@@ -201,8 +203,10 @@ def test_gradient_reaches_every_readout():
         return -jnp.mean(model.bound(params, x0, jax.random.key(1))["k"])
 
     grads = jax.grad(neg_k)(params)["network"]
-    per_step = np.abs(np.asarray(grads["readout_kernel"])).sum(axis=(1, 2))
-    assert per_step.shape == (config.diffusion.num_timesteps - 1,) and (per_step > 0).all()
+    name, count = ("readout_basis_kernel", basis) if basis else (
+        "readout_kernel", config.diffusion.num_timesteps - 1)
+    per_readout = np.abs(np.asarray(grads[name])).sum(axis=(1, 2))
+    assert per_readout.shape == (count,) and (per_readout > 0).all()
 
 
 def test_heartbeat_tiny_training_improves_k(tmp_path):

@@ -263,6 +263,13 @@ def test_bad_config_values():
     config.dpm2015.beta_1 = 1.5
     with pytest.raises(ValueError, match=r"dpm2015.beta_1 must lie in \(0, 1\); got 1.5"):
         objectives_2015.build_model(config, info, "gaussian")
+    config, info = tiny_swissroll()
+    config.dpm2015.readout_basis = 8  # T - 1 = 7 readouts
+    with pytest.raises(ValueError, match=r"readout_basis must be an int in \[0, T - 1 = 7\].*got 8"):
+        objectives_2015.build_model(config, info, "gaussian")
+    config.dpm2015.readout_basis, config.model.name = 3, "rbf"
+    with pytest.raises(ValueError, match=r"readout_basis applies to model.name 'mlp'"):
+        objectives_2015.build_model(config, info, "gaussian")
 
 
 @pytest.mark.parametrize("network", ["rbf", "mlp"])

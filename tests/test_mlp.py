@@ -142,3 +142,44 @@ def test_traced_t_is_not_range_checked(data):
     params = _init(model, x, t)
     out = jax.jit(lambda t: model.apply({"params": params}, x, t))(jnp.full((BATCH,), T))
     assert out.shape == (BATCH, DIM)
+
+
+def test_temporal_basis_rows_are_normalised_bumps():
+    from diffusion_jax.models.mlp import temporal_basis
+
+    phi = temporal_basis(2000, 64)
+    assert phi.shape == (2000, 64) and phi.dtype == np.float32
+    np.testing.assert_allclose(phi.sum(axis=1), 1.0, rtol=1e-5)
+    peaks = phi.argmax(axis=1)
+    assert peaks[0] == 0 and peaks[-1] == 63 and np.all(np.diff(peaks) >= 0)
+    np.testing.assert_array_equal(temporal_basis(5, 1), np.ones((5, 1), np.float32))
+    with pytest.raises(ValueError, match=r"readout_basis must lie in \[1, num_timesteps = 5\]; got 6"):
+        temporal_basis(5, 6)
+
+
+@pytest.mark.parametrize("basis", [0, 3])
+def test_blocked_rows_equal_per_row_readouts(data, basis):
+    """(S, B, D) blocks with one step each give what the (S B, D) rows give."""
+    x, _ = data
+    model = MLP(**SMALL, per_step_readout=True, time_embedding="none", readout_basis=basis)
+    steps = jnp.array([0, 3, 6], jnp.int32)
+    blocks = jnp.stack([x, 2 * x, -x])  # (3, BATCH, DIM)
+    params = _init(model, x, jnp.zeros((BATCH,), jnp.int32))
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
+    blocked = model.apply({"params": params}, blocks, steps)
+    rows = model.apply({"params": params}, blocks.reshape(-1, DIM), jnp.repeat(steps, BATCH))
+    np.testing.assert_allclose(blocked.reshape(rows.shape), rows, rtol=1e-5, atol=1e-6)
+
+
+def test_basis_readout_is_smooth_in_t_and_needs_per_step_readout(data):
+    x, _ = data
+    model = MLP(**SMALL, per_step_readout=True, time_embedding="none", readout_basis=2)
+    params = _init(model, x, jnp.zeros((BATCH,), jnp.int32))
+    assert params["readout_basis_kernel"].shape == (2, 16, DIM) and "readout_kernel" not in params
+    one = x[:1]
+    outs = np.stack([model.apply({"params": params}, one, jnp.array([s])) for s in range(T)])[:, 0]
+    # Two bumps: every step's output lies between the two basis readouts' outputs.
+    ends = outs[[0, -1]]
+    assert np.all(outs >= ends.min(axis=0) - 1e-5) and np.all(outs <= ends.max(axis=0) + 1e-5)
+    with pytest.raises(ValueError, match="readout_basis > 0 needs per_step_readout=True"):
+        MLP(**SMALL, readout_basis=2).init(jax.random.key(0), x, jnp.zeros((BATCH,), jnp.int32))

@@ -11,7 +11,12 @@ Two ways of telling the network the step ``t``, which can be combined:
   al. 2015 use for their low-dimensional models (lower layers shared, the readout of the
   mean and covariance learned separately for each time step). The readout kernel has shape
   ``(T, hidden, out)`` and is gathered by ``t``, so step ``t``'s output depends on readout
-  ``t`` alone.
+  ``t`` alone. With ``readout_basis=K > 0`` the per-step readouts are not free but
+  smooth in t: step t's matrix and bias are ``sum_k phi_k(t) V_k`` for K learned basis
+  readouts V_k and fixed normalized Gaussian bumps phi_k (`temporal_basis`), as in the
+  2015 paper's published code (its "temporal basis"). Every example then trains the
+  readouts of its neighbouring steps too: with T = 2000 steps that is the difference
+  between a readout seeing ~16 examples per batch and one seeing thousands.
 
 With ``time_embedding='none'`` and ``per_step_readout=True`` the model is the 2015 one.
 """
@@ -48,6 +53,8 @@ class MLP(nn.Module):
       time_embedding: ``'sinusoidal'`` (added to every hidden layer) or ``'none'``.
       time_embedding_dim: width of the sinusoidal embedding (at least 4).
       per_step_readout: a separate final layer per step, shape ``(T, features[-1], out)``.
+      readout_basis: 0 (the per-step readouts are free parameters) or K > 0 (they are
+        combinations of K basis readouts, see `temporal_basis`); needs per_step_readout.
     """
 
     num_timesteps: int
@@ -57,6 +64,7 @@ class MLP(nn.Module):
     time_embedding: str = "sinusoidal"
     time_embedding_dim: int = 128
     per_step_readout: bool = False
+    readout_basis: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, *, train: bool = False) -> jax.Array:
@@ -99,6 +107,8 @@ class MLP(nn.Module):
     def _per_step_readout(self, h: jax.Array, t: jax.Array, out_dim: int) -> jax.Array:
         """``h @ W[t] + b[t]`` with W of shape (T, hidden, out) and b of shape (T, out)."""
         hidden = h.shape[-1]
+        if self.readout_basis:
+            return self._basis_readout(h, t, out_dim)
         # Each step's matrix is initialised like a plain Dense layer (LeCun normal).
         kernel_init = nn.initializers.lecun_normal(batch_axis=(0,))
         kernel = self.param(
@@ -110,6 +120,20 @@ class MLP(nn.Module):
         if h.ndim == 3:  # blocks of rows sharing a step
             return jnp.einsum("sbh,sho->sbo", h, kernel[t]) + bias[t][:, None, :]
         return jnp.einsum("bh,bho->bo", h, kernel[t]) + bias[t]
+
+    def _basis_readout(self, h: jax.Array, t: jax.Array, out_dim: int) -> jax.Array:
+        """W[t] = sum_k phi_k(t) V_k, b[t] = sum_k phi_k(t) c_k (`temporal_basis`)."""
+        num = self.readout_basis
+        kernel_init = nn.initializers.lecun_normal(batch_axis=(0,))
+        kernel = self.param(
+            "readout_basis_kernel", kernel_init, (num, h.shape[-1], out_dim), jnp.float32
+        )
+        bias = self.param("readout_basis_bias", nn.initializers.zeros, (num, out_dim), jnp.float32)
+        phi = jnp.asarray(temporal_basis(self.num_timesteps, num))[t]  # (B or S, K)
+        if h.ndim == 3:
+            weights = jnp.einsum("sk,kho->sho", phi, kernel)
+            return jnp.einsum("sbh,sho->sbo", h, weights) + (phi @ bias)[:, None, :]
+        return jnp.einsum("bk,bh,kho->bo", phi, h, kernel) + phi @ bias
 
     def _check_config(self) -> Callable[[jax.Array], jax.Array]:
         if self.activation not in ACTIVATIONS:
@@ -128,6 +152,8 @@ class MLP(nn.Module):
             )
         if not self.features:
             raise ValueError("MLP: features must name at least one hidden layer")
+        if self.readout_basis and not self.per_step_readout:
+            raise ValueError("MLP: readout_basis > 0 needs per_step_readout=True")
         if self.num_timesteps < 1:
             raise ValueError(f"MLP: num_timesteps must be positive, got {self.num_timesteps}")
         return ACTIVATIONS[self.activation]
@@ -153,6 +179,26 @@ class MLP(nn.Module):
                 f"MLP: t must lie in [0, {self.num_timesteps}), got values in "
                 f"[{t_values.min()}, {t_values.max()}]"
             )
+
+
+def temporal_basis(num_timesteps: int, num_basis: int) -> np.ndarray:
+    """float32 (T, K): phi_k(t), K Gaussian bumps over u = sqrt((t + 1) / (T + 1)).
+
+    Centres evenly spaced from u(0) to 1, each as wide as the spacing; each row is
+    normalized to sum to 1, so a constant readout is representable exactly. The square
+    root packs more bumps into the early steps, where the reverse kernels change fastest.
+    """
+    if not 1 <= num_basis <= num_timesteps:
+        raise ValueError(
+            f"readout_basis must lie in [1, num_timesteps = {num_timesteps}]; got {num_basis}."
+        )
+    u = np.sqrt(np.arange(1, num_timesteps + 1, dtype=np.float64) / (num_timesteps + 1))
+    if num_basis == 1:
+        return np.ones((num_timesteps, 1), np.float32)
+    centres = np.linspace(u[0], 1.0, num_basis)
+    width = centres[1] - centres[0]
+    phi = np.exp(-0.5 * np.square((u[:, None] - centres[None]) / width))
+    return (phi / phi.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _concrete_or_none(t: jax.Array) -> np.ndarray | None:

@@ -22,7 +22,8 @@ fails):
 - ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, num_samples,
   clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call).
 - ``dpm2015``: the 2015 paper's objectives (schedule, beta_1, baseline, mean_gain,
-  prior_prob, kl_estimator, t_per_example, rbf_hidden); see `objectives_2015`.
+  prior_prob, kl_estimator, t_per_example, rbf_hidden, readout_basis); see
+  `objectives_2015`.
 - ``eval`` (``--mode=eval``): split, num_examples (rounded down to whole global batches),
   batch_size (global), iw_samples (K of the importance-weighted estimate; 0 = off),
   clip_denoised.
@@ -121,6 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dpm2015.kl_estimator = "all"  # 'all' KL terms per example | 'uniform' t ~ U[1, T)
     c.dpm2015.t_per_example = 1  # draws of t per example for 'uniform'
     c.dpm2015.rbf_hidden = 16  # units of the normalized RBF net (model.name 'rbf')
+    c.dpm2015.readout_basis = 0  # MLP: 0 = free per-step readouts; K = K basis readouts
     return c
 
 

@@ -19,7 +19,9 @@ Config fields read here (``config.dpm2015``, see `config.default_config`): ``sch
 ``mean_gain`` (scale the network's z_mu at step t by the fixed 1 / sqrt(1 - abar_{t-1})
 of the baseline, see `_mean_gain`), ``prior_prob`` (binomial p), ``kl_estimator``
 ('all': every KL term for each example; 'uniform': one t ~ U[1, T) per example, scaled
-by T - 1), ``t_per_example`` (draws of t per example for 'uniform'), ``rbf_hidden``. And
+by T - 1), ``t_per_example`` (draws of t per example for 'uniform'), ``rbf_hidden``,
+``readout_basis`` (0: a free readout per step; K: combinations of K basis readouts,
+`models.mlp.temporal_basis`). And
 ``diffusion.num_timesteps`` (T), ``model.name``, ``model.features``, ``model.activation``.
 
 `build_model` returns a `Model2015` with what evaluation and figures need beyond the
@@ -196,7 +198,16 @@ def _network(config: ml_collections.ConfigDict, kind: str, dim: int) -> nn.Modul
     out_dim = 2 * dim if kind == "gaussian" else dim
     name = config.model.name
     check_choice("model.name (for the 2015 objectives)", name, NETWORKS)
+    basis = config.dpm2015.get("readout_basis", 0)
+    if isinstance(basis, bool) or not isinstance(basis, int) or not 0 <= basis <= num_readouts:
+        raise ValueError(
+            f"dpm2015.readout_basis must be an int in [0, T - 1 = {num_readouts}] (0: a free "
+            f"readout per step); got {basis!r}."
+        )
     if name == "rbf":
+        if basis:
+            raise ValueError("dpm2015.readout_basis applies to model.name 'mlp'; set it to 0 "
+                             "for the RBF net.")
         return NormalizedRBF(
             num_timesteps=num_readouts, num_hidden=int(config.dpm2015.rbf_hidden),
             out_dim=out_dim,
@@ -204,6 +215,7 @@ def _network(config: ml_collections.ConfigDict, kind: str, dim: int) -> nn.Modul
     return MLP(
         num_timesteps=num_readouts, features=tuple(config.model.features), out_dim=out_dim,
         activation=config.model.activation, time_embedding="none", per_step_readout=True,
+        readout_basis=basis,
     )
 
 
