@@ -34,6 +34,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import platform
 import time
@@ -67,7 +68,10 @@ def load_config(name: str, variant: str | None):
 
 
 def train_timed(config, workdir: pathlib.Path):
-    """Trains (or resumes) and returns (state, total training seconds over sessions)."""
+    """Trains (or resumes) and returns (state, total training seconds over sessions).
+
+    Also records the machine's 15-minute load average when training ends (``load``): on
+    a 2-core machine a value near 2 means the run had the cores to itself."""
     workdir.mkdir(parents=True, exist_ok=True)
     timing_path = workdir / "train_seconds.json"
     previous = json.loads(timing_path.read_text()) if timing_path.exists() else {"sessions": []}
@@ -77,8 +81,15 @@ def train_timed(config, workdir: pathlib.Path):
     if int(state.step) > previous.get("step", 0):  # this session trained
         previous["sessions"].append(elapsed)
         previous["step"] = int(state.step)
+        previous["load"] = os.getloadavg()[2]
         timing_path.write_text(json.dumps(previous))
     return state, float(sum(previous["sessions"]))
+
+
+def train_load(workdir: pathlib.Path):
+    """The 15-minute load average recorded at the end of training, or None."""
+    path = workdir / "train_seconds.json"
+    return json.loads(path.read_text()).get("load") if path.exists() else None
 
 
 def mean_se(values) -> tuple[float, float]:
@@ -253,6 +264,7 @@ def run_swissroll(args, variant, results):
     results["swissroll"] = {
         "K": k, "K_se": k_se, "K_minus_null": d, "K_minus_null_se": d_se,
         "train_seconds": seconds, "steps": int(state.step), "examples": len(x),
+        "load": train_load(args.workdir / "swissroll"), "cores": os.cpu_count(),
         "noise": float(config.data.noise), "beta_1": float(config.dpm2015.beta_1),
         "T": config.diffusion.num_timesteps, "network": config.model.name,
         "noisy_roll_bound_0.05": swiss_roll_log_likelihood(0.05, num=args.bound_examples),
@@ -286,6 +298,7 @@ def run_heartbeat(args, variant, results):
     results["heartbeat"] = {
         "K": k, "K_se": k_se, "K_minus_null": d, "K_minus_null_se": d_se,
         "train_seconds": seconds, "steps": int(state.step), "examples": len(x),
+        "load": train_load(args.workdir / "heartbeat"), "cores": os.cpu_count(),
         "T": config.diffusion.num_timesteps, "prior_prob": config.dpm2015.prior_prob,
         "features": list(config.model.features), "activation": config.model.activation,
         "oracle_K": float(oracle.mean()), "oracle_K_se": float(oracle.std(ddof=1) / math.sqrt(oracle.size)),
@@ -326,10 +339,13 @@ def write_table(results, path, variant):
             f"{r['K_se']:.3f} bits/seq | {r['K_minus_null']:.3f} ± {r['K_minus_null_se']:.3f} "
             f"bits/seq | K >= -2.414 (truth -2.322) | {'yes' if met else 'NO'} | "
             f"{r['train_seconds'] / 60:.1f} min, {r['steps']} steps |")
-    lines += ["", f"Machine: {platform.processor() or platform.machine()}, "
-              f"{jax.device_count()} JAX device(s) ({jax.devices()[0].platform}); training "
-              "times are wall-clock, compilation included, measured while other jobs shared "
-              "the 2 cores.", ""]
+    loads = ", ".join(
+        f"{name} {r['load']:.1f}" for name, r in results.items() if r.get("load") is not None)
+    lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} "
+              f"cores, {jax.device_count()} JAX device(s) ({jax.devices()[0].platform}); "
+              "training times are wall-clock, compilation included. 15-minute load average "
+              f"when each training ended (about the core count = the run had the machine to "
+              f"itself): {loads or 'not recorded'}.", ""]
     if "swissroll" in results:
         r = results["swissroll"]
         lines += [
