@@ -65,9 +65,11 @@ __all__ = [
 
 #: ln 2: divide nats by it for bits.
 LN2 = math.log(2.0)
-# Learned beta logits are clipped here: sigmoid(12) = 1 - 6e-6 still leaves 1 - beta
-# representable in float32, and sigmoid(-12) = 6e-6 keeps beta positive.
+# Learned beta logits are clipped to [_MIN_LOGIT, _MAX_LOGIT]: sigmoid(12) = 1 - 6e-6 still
+# leaves 1 - beta representable in float32, and sigmoid(-30) = 9e-14 keeps beta positive
+# while leaving room (and a gradient) for the tiny early betas a beta_1 of 1e-6 implies.
 _MAX_LOGIT = 12.0
+_MIN_LOGIT = -30.0
 _LOG_2PI_E = math.log(2.0 * math.pi * math.e)
 
 
@@ -109,7 +111,7 @@ def learned_betas(offsets, baseline) -> jax.Array:
     """The learned forward schedule of Sec. 2.4.1: beta_1 fixed, beta_2..beta_T learned.
 
     beta_1 = baseline[0]; beta_t = sigmoid(logit(baseline[t]) + offsets[t - 1]) for the
-    0-based t >= 1, with the logit clipped to [-12, 12] so every beta stays in (0, 1) in
+    0-based t >= 1, with the logit clipped to [-30, 12] so every beta stays in (0, 1) in
     float32. Zero offsets give the baseline (e.g. `schedules.sohl_dickstein_betas`).
 
     Args:
@@ -130,7 +132,7 @@ def learned_betas(offsets, baseline) -> jax.Array:
             f"{baseline.shape[0]}; got {jnp.shape(offsets)}."
         )
     base_logits = jnp.asarray(logit(baseline[1:]), jnp.float32)
-    logits = jnp.clip(base_logits + offsets, -_MAX_LOGIT, _MAX_LOGIT)
+    logits = jnp.clip(base_logits + offsets, _MIN_LOGIT, _MAX_LOGIT)
     first = jnp.asarray(baseline[:1], jnp.float32)
     return jnp.concatenate([first, jax.nn.sigmoid(logits)])
 
