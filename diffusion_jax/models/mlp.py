@@ -159,26 +159,33 @@ class MLP(nn.Module):
         return ACTIVATIONS[self.activation]
 
     def _check_inputs(self, x: jax.Array, t: jax.Array) -> None:
-        if jnp.ndim(x) != 2 and not (jnp.ndim(x) == 3 and self.per_step_readout):
-            raise ValueError(
-                f"MLP: x must have shape (B, D) (or (S, B, D), blocks of rows sharing a "
-                f"step, with per_step_readout), got shape {jnp.shape(x)}"
-            )
-        if jnp.shape(t) != (x.shape[0],):
-            what = "(B,)" if jnp.ndim(x) == 2 else "(S,) (one step per block)"
-            raise ValueError(
-                f"MLP: t must have shape {what} = ({x.shape[0]},), got shape {jnp.shape(t)}"
-            )
-        if not jnp.issubdtype(jnp.result_type(t), jnp.integer):
-            raise ValueError(f"MLP: t must be an integer array, got dtype {jnp.result_type(t)}")
-        t_values = _concrete_or_none(t)
-        if t_values is not None and t_values.size and (
-            t_values.min() < 0 or t_values.max() >= self.num_timesteps
-        ):
-            raise ValueError(
-                f"MLP: t must lie in [0, {self.num_timesteps}), got values in "
-                f"[{t_values.min()}, {t_values.max()}]"
-            )
+        check_step_inputs("MLP", x, t, self.num_timesteps, blocks=self.per_step_readout)
+
+
+def check_step_inputs(name: str, x, t, num_timesteps: int, *, blocks: bool) -> None:
+    """Checks the ``(x, t)`` of a network with a readout per step; errors start with name.
+
+    x: (B, D), or (S, B, D) blocks of rows sharing a step when ``blocks``; t: integer (B,)
+    (or (S,)) in [0, num_timesteps), the range checked only when t is concrete.
+    """
+    if jnp.ndim(x) != 2 and not (jnp.ndim(x) == 3 and blocks):
+        extra = " (or (S, B, D), blocks of rows sharing a step, with per-step readouts)"
+        raise ValueError(f"{name}: x must have shape (B, D){extra}, got shape {jnp.shape(x)}")
+    if jnp.shape(t) != (x.shape[0],):
+        what = "(B,)" if jnp.ndim(x) == 2 else "(S,) (one step per block)"
+        raise ValueError(
+            f"{name}: t must have shape {what} = ({x.shape[0]},), got shape {jnp.shape(t)}"
+        )
+    if not jnp.issubdtype(jnp.result_type(t), jnp.integer):
+        raise ValueError(f"{name}: t must be an integer array, got dtype {jnp.result_type(t)}")
+    values = _concrete_or_none(t)
+    if values is not None and values.size and (
+        values.min() < 0 or values.max() >= num_timesteps
+    ):
+        raise ValueError(
+            f"{name}: t must lie in [0, {num_timesteps}), got values in "
+            f"[{values.min()}, {values.max()}]"
+        )
 
 
 def temporal_basis(num_timesteps: int, num_basis: int) -> np.ndarray:

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models.mlp import _concrete_or_none
+from diffusion_jax.models.mlp import check_step_inputs
 
 
 class NormalizedRBF(nn.Module):
@@ -88,23 +88,4 @@ class NormalizedRBF(nn.Module):
                 f"NormalizedRBF: num_timesteps and num_hidden must be positive; got "
                 f"{self.num_timesteps} and {self.num_hidden}."
             )
-        if jnp.ndim(x) not in (2, 3):
-            raise ValueError(
-                f"NormalizedRBF: x must have shape (B, D) (or (S, B, D) for blocks of rows "
-                f"sharing a step), got {jnp.shape(x)}"
-            )
-        if jnp.shape(t) != (x.shape[0],):
-            what = "(B,)" if jnp.ndim(x) == 2 else "(S,) (one step per block)"
-            raise ValueError(
-                f"NormalizedRBF: t must have shape {what} = ({x.shape[0]},), got {jnp.shape(t)}"
-            )
-        if not jnp.issubdtype(jnp.result_type(t), jnp.integer):
-            raise ValueError(f"NormalizedRBF: t must be integer, got {jnp.result_type(t)}")
-        values = _concrete_or_none(t)
-        if values is not None and values.size and (
-            values.min() < 0 or values.max() >= self.num_timesteps
-        ):
-            raise ValueError(
-                f"NormalizedRBF: t must lie in [0, {self.num_timesteps}), got values in "
-                f"[{values.min()}, {values.max()}]"
-            )
+        check_step_inputs("NormalizedRBF", x, t, self.num_timesteps, blocks=True)
