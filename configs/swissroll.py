@@ -24,8 +24,8 @@ beta_1 = 1e-5 (a 15k-step run scored 6.3 there), and 7.95 +- 0.11 at 1e-6.
 Network: an MLP (3 x 128 swish units shared over time, a readout per step). The ``:rbf``
 variant is the paper's network, a normalized RBF net with 16 units and per-step readouts.
 
-Expected (experiments/dpm2015/results.md): K = 3.31 bits, K - L_null = 7.39 bits on
-10,000 held-out examples after 25,000 steps (20 min on a 2-core CPU); the paper: 2.35 and
+Expected (experiments/dpm2015/results.md): K = 3.56 bits, K - L_null = 7.64 bits on
+10,000 held-out examples after 25,000 steps (22 min on a 2-core CPU); the paper: 2.35 and
 6.45 bits. ``:tiny`` is a smoke test (seconds).
 """
 

@@ -19,7 +19,7 @@ the EMA parameters, and writes next to this file:
   t = T, T/2, 0;
 - ``results.json``: every number in the table.
 
-Command, from the repository root (about an hour on a 2-core CPU: two trainings of up to
+Command, from the repository root (about 50 minutes on a 2-core CPU: two trainings of up to
 30 minutes each, a few minutes of evaluation):
 
     PYTHONPATH=. python experiments/dpm2015/run.py --workdir=runs/dpm2015
