@@ -313,10 +313,7 @@ def _objective(config: ml_collections.ConfigDict, info, kind: str) -> objectives
             "K_minus_null_bits": out["k_minus_null"] / dpm2015.LN2,
         }
 
-    kwargs = {}
-    if "evaluate" in {f.name for f in dataclasses.fields(objectives.Objective)}:
-        kwargs["evaluate"] = evaluate
-    return objectives.Objective(init=model.init, loss=loss, sample=None, **kwargs)
+    return objectives.Objective(init=model.init, loss=loss, sample=None, evaluate=evaluate)
 
 
 def gaussian_objective(config: ml_collections.ConfigDict, info) -> objectives.Objective:

@@ -250,23 +250,37 @@ def betas_figure(model, params, path):
     plt.close(fig)
 
 
-def run_swissroll(args, variant, results):
-    config = load_config("swissroll", variant)
-    state, seconds = train_timed(config, args.workdir / "swissroll")
-    info = data.dataset_info(config.data)
-    model = objectives_2015.build_model(config, info, "gaussian")
+def train_and_score(args, name, variant, kind, num_examples, batch_size):
+    """Trains config ``name``, scores K on its held-out set with the EMA parameters.
+
+    Returns (config, model, params, held-out x, the result fields both experiments share).
+    """
+    config = load_config(name, variant)
+    state, seconds = train_timed(config, args.workdir / name)
+    model = objectives_2015.build_model(config, data.dataset_info(config.data), kind)
     params = state.ema_params
-    x = toy.toy_heldout_set("swiss_roll", args.swissroll_examples, seed=HELDOUT_SEED,
-                            noise=config.data.noise)
-    ev = objectives_2015.evaluate_bound(model, params, x, key=jax.random.key(2015))
+    x = toy.toy_heldout_set(config.data.name, num_examples, seed=HELDOUT_SEED,
+                            **({"noise": config.data.noise} if kind == "gaussian" else {}))
+    ev = objectives_2015.evaluate_bound(model, params, x, key=jax.random.key(2015),
+                                        batch_size=batch_size)
     k, k_se = mean_se(ev["K_bits"])
     d, d_se = mean_se(ev["K_minus_null_bits"])
-    results["swissroll"] = {
+    fields = {
         "K": k, "K_se": k_se, "K_minus_null": d, "K_minus_null_se": d_se,
         "train_seconds": seconds, "steps": int(state.step), "examples": len(x),
-        "load": train_load(args.workdir / "swissroll"), "cores": os.cpu_count(),
+        "load": train_load(args.workdir / name), "cores": os.cpu_count(),
+        "T": config.diffusion.num_timesteps,
+    }
+    return config, model, params, x, fields
+
+
+def run_swissroll(args, variant, results):
+    config, model, params, x, fields = train_and_score(
+        args, "swissroll", variant, "gaussian", args.swissroll_examples, 1000)
+    results["swissroll"] = {
+        **fields,
         "noise": float(config.data.noise), "beta_1": float(config.dpm2015.beta_1),
-        "T": config.diffusion.num_timesteps, "network": config.model.name,
+        "network": config.model.name,
         "noisy_roll_bound_0.05": swiss_roll_log_likelihood(0.05, num=args.bound_examples),
     }
     if config.data.noise == 0.0:
@@ -281,27 +295,18 @@ def run_swissroll(args, variant, results):
 
 
 def run_heartbeat(args, variant, results):
-    config = load_config("heartbeat", variant)
-    state, seconds = train_timed(config, args.workdir / "heartbeat")
-    info = data.dataset_info(config.data)
-    model = objectives_2015.build_model(config, info, "binomial")
-    params = state.ema_params
-    x = toy.toy_heldout_set("heartbeat", args.heartbeat_examples, seed=HELDOUT_SEED)
-    ev = objectives_2015.evaluate_bound(model, params, x, key=jax.random.key(2015),
-                                        batch_size=500)
-    k, k_se = mean_se(ev["K_bits"])
-    d, d_se = mean_se(ev["K_minus_null_bits"])
+    config, model, params, x, fields = train_and_score(
+        args, "heartbeat", variant, "binomial", args.heartbeat_examples, 500)
     oracle = heartbeat_oracle_k(model.schedule(params), x[:1000], jax.random.key(7))
     samples = np.asarray(model.sample(params, jax.random.key(3), 2000)["sample"])
     valid = np.array([any((s == b).all() for b in np.unique(x, axis=0)) for s in samples])
     phases = [int(np.argmax(s[:5])) for s, ok in zip(samples, valid) if ok]
+    oracle_k, oracle_se = mean_se(oracle)
     results["heartbeat"] = {
-        "K": k, "K_se": k_se, "K_minus_null": d, "K_minus_null_se": d_se,
-        "train_seconds": seconds, "steps": int(state.step), "examples": len(x),
-        "load": train_load(args.workdir / "heartbeat"), "cores": os.cpu_count(),
-        "T": config.diffusion.num_timesteps, "prior_prob": config.dpm2015.prior_prob,
+        **fields,
+        "prior_prob": config.dpm2015.prior_prob,
         "features": list(config.model.features), "activation": config.model.activation,
-        "oracle_K": float(oracle.mean()), "oracle_K_se": float(oracle.std(ddof=1) / math.sqrt(oracle.size)),
+        "oracle_K": oracle_k, "oracle_K_se": oracle_se,
         "valid_sample_fraction": float(valid.mean()),
         "phase_counts": np.bincount(phases, minlength=5).tolist(),
     }
