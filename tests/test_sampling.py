@@ -191,7 +191,7 @@ def test_dpm_solver_first_order_is_ddim(rng):
     np.testing.assert_allclose(dpm, ddim["sample"], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("spacing", ["logsnr", "time_uniform"])
+@pytest.mark.parametrize("spacing", ["logsnr", "time_uniform", "time_quadratic"])
 @pytest.mark.parametrize("num_steps", [1, 2, 10, 500, 1000])
 def test_dpm_solver_timesteps(spacing, num_steps):
     grid = np.asarray(sampling.dpm_solver_timesteps(SCHED, num_steps, spacing=spacing))
@@ -204,6 +204,10 @@ def test_dpm_solver_timesteps(spacing, num_steps):
         gaps = np.diff(lam[:, 0])
         # Evenly spaced in lambda up to the rounding of t (large gaps near t = 0).
         np.testing.assert_allclose(gaps, gaps.mean(), rtol=0.25)
+    if spacing == "time_quadratic" and num_steps == 10:
+        # sqrt(t) evenly spaced from sqrt(T - 1) to 0, rounded: the DPM-Solver grid.
+        expected = np.round(np.linspace(np.sqrt(T - 1.0), 0.0, num_steps) ** 2)
+        np.testing.assert_array_equal(grid, expected)
 
 
 # ------------------------------------------------------------------------------------------

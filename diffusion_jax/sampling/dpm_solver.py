@@ -13,9 +13,11 @@ D = (1 + 1/(2r)) x0_pred(x_t, t) - 1/(2r) x0_pred(x_t_prev, t_prev) (second orde
 
 Time grid (discrete-time schedule): N model evaluations. The first N - 1 steps go
 through N points t_0 = T-1 > t_1 > ... > t_{N-1} = 0 of the schedule's own steps, evenly
-spaced in lambda (``spacing='logsnr'``, the paper's recommendation, rounded to integer
-steps, kept strictly decreasing) or in t (``'time_uniform'``), with lambda read from the
-discrete alphas_cumprod. The last step goes from step 0 to the data (abar = 1,
+spaced in lambda (``spacing='logsnr'``, the paper's recommendation for low-resolution
+data), in t (``'time_uniform'``) or in sqrt(t) (``'time_quadratic'``, the grid the
+DPM-Solver code offers for discrete-time models: t_i = (sqrt(T-1) (1 - i/(N-1)))^2, more
+points near the data), rounded to integer steps and kept strictly decreasing, with lambda
+read from the discrete alphas_cumprod. The last step goes from step 0 to the data (abar = 1,
 sigma = 0, lambda = +inf): the update with h = inf is the first-order one and returns
 x0_pred(x, 0), i.e. the final step denoises (DPM-Solver's ``denoise_to_zero``).
 """
@@ -40,7 +42,7 @@ __all__ = [
     "dpm_solver_timesteps",
 ]
 
-SPACINGS = ("logsnr", "time_uniform")
+SPACINGS = ("logsnr", "time_uniform", "time_quadratic")
 
 
 def _log_snr_coefficients(schedule: Schedule):
@@ -57,7 +59,8 @@ def dpm_solver_timesteps(schedule: Schedule, num_steps: int, *, spacing: str = "
 
     ``logsnr``: evenly spaced in lambda = log(sqrt(abar) / sqrt(1 - abar)) between
     lambda(T-1) and lambda(0) (the step-size schedule DPM-Solver recommends), rounded to steps;
-    ``time_uniform``: evenly spaced in t. Points that round to the same step are pushed
+    ``time_uniform``: evenly spaced in t; ``time_quadratic``: evenly spaced in sqrt(t),
+    which puts more points near t = 0, where a sharp data distribution needs them. Points that round to the same step are pushed
     apart so the grid is strictly decreasing. Works on traced schedules.
 
     Args:
@@ -81,6 +84,8 @@ def _timesteps(schedule, *, num_steps, spacing):
         targets = jnp.linspace(lam[-1], lam[0], num_steps)
         # interp needs increasing abscissae: lambda reversed maps to t reversed.
         continuous = jnp.interp(targets, lam[::-1], steps[::-1])
+    elif spacing == "time_quadratic":
+        continuous = jnp.linspace(jnp.sqrt(num_timesteps - 1.0), 0.0, num_steps) ** 2
     else:
         continuous = jnp.linspace(num_timesteps - 1.0, 0.0, num_steps)
     rounded = jnp.round(continuous).astype(jnp.int32)
@@ -182,7 +187,8 @@ def dpm_solver_pp_sample_loop(
       shape: sample shape (B, ..., C).
       num_steps: N model evaluations, 1 <= N <= T.
       key: PRNG key drawing x_T from ``fold_in(key, T)``; not needed when x_T is given.
-      spacing: ``'logsnr'`` or ``'time_uniform'`` (`dpm_solver_timesteps`).
+      spacing: ``'logsnr'``, ``'time_uniform'`` or ``'time_quadratic'``
+        (`dpm_solver_timesteps`).
 
     Returns:
       dict with ``sample`` (``shape``).
