@@ -419,6 +419,18 @@ def test_sample_entry_point(sampler, num_steps):
     assert out.shape == (5, 3) and np.isfinite(np.asarray(out)).all()
 
 
+def test_sample_entry_point_passes_the_dpm_solver_grid():
+    kw = dict(mean_type="eps", var_type="fixed_small", key=jax.random.key(0))
+    direct = sampling.dpm_solver_pp_sample_loop(
+        SCHED, _smooth_model, (5, 3), num_steps=12, spacing="time_quadratic", **kw)["sample"]
+    via = sampling.sample(SCHED, _smooth_model, (5, 3), sampler="dpm_solver++", num_steps=12,
+                          spacing="time_quadratic", **kw)
+    other = sampling.sample(SCHED, _smooth_model, (5, 3), sampler="dpm_solver++",
+                            num_steps=12, **kw)
+    np.testing.assert_array_equal(np.asarray(via), np.asarray(direct))
+    assert not np.allclose(np.asarray(other), np.asarray(direct))
+
+
 # ------------------------------------------------------------------------------------------
 # Multiplying distributions (Sohl-Dickstein et al. 2015, Sec. 2.5)
 # ------------------------------------------------------------------------------------------
@@ -517,6 +529,9 @@ def test_bad_inputs():
     key = jax.random.key(0)
     with pytest.raises(ValueError, match=r"sampler 'euler'.*'ancestral', 'ddim', 'dpm_solver\+\+'"):
         sampling.sample(SCHED, _smooth_model, (2, 2), sampler="euler", key=key, **kw)
+    with pytest.raises(ValueError, match=r"spacing 'karras'.*'logsnr', 'time_uniform', 'time_q"):
+        sampling.sample(SCHED, _smooth_model, (2, 2), sampler="dpm_solver++", num_steps=5,
+                        spacing="karras", key=key, **kw)
     with pytest.raises(ValueError, match="valid forms are .*ddimN"):
         sampling.space_timesteps(1000, "fast")
     with pytest.raises(ValueError, match="valid forms"):

@@ -119,6 +119,7 @@ def test_unwritable_workdir(tmp_path):
         ("train", "num_steps", 0, r"train.num_steps must be a positive int; got 0"),
         ("optim", "ema_decay", 1.0, r"optim.ema_decay must lie in \[0, 1\)"),
         ("optim", "lr_schedule", "step", r"optim.lr_schedule 'step'.*\['constant', 'cosine'\]"),
+        ("sample", "spacing", "uniform", r"sample.spacing 'uniform'.*'time_quadratic'"),
     ],
 )
 def test_contradictory_or_invalid_settings(section, field, value, match, tmp_path):

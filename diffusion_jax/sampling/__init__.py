@@ -75,6 +75,7 @@ def sample(
     var_type: str,
     clip_denoised: bool = False,
     eta: float = 0.0,
+    spacing: str = "logsnr",
 ) -> dict:
     """Samples x_0 of ``shape`` with a named sampler; returns the samples, an array (shape).
 
@@ -84,16 +85,21 @@ def sample(
       num_steps: model evaluations. None: every step of the schedule (ancestral, DDIM;
         required for DPM-Solver++). For ancestral / DDIM, an int N or a respacing spec
         string (`space_timesteps`: 'N', 'N1,N2,...', 'ddimN') respaces the schedule.
+      spacing: DPM-Solver++'s grid (`dpm_solver_timesteps`: 'logsnr', 'time_uniform' or
+        'time_quadratic'); only with sampler 'dpm_solver++'.
       Other arguments: see the loop of each sampler.
     """
     check_choice("sampler", sampler, SAMPLERS)
+    check_choice("spacing", spacing, SPACINGS)
     kw = dict(mean_type=mean_type, var_type=var_type, clip_denoised=clip_denoised, key=key)
     if sampler == "dpm_solver++":
         if not isinstance(num_steps, int) or isinstance(num_steps, bool):
             raise ValueError(
                 f"sampler 'dpm_solver++' needs num_steps, a positive int; got {num_steps!r}."
             )
-        out = dpm_solver_pp_sample_loop(schedule, model_fn, shape, num_steps=num_steps, **kw)
+        out = dpm_solver_pp_sample_loop(
+            schedule, model_fn, shape, num_steps=num_steps, spacing=spacing, **kw
+        )
         return out["sample"]
     if num_steps is not None:
         steps = space_timesteps(schedule.num_timesteps, str(num_steps))

@@ -19,7 +19,8 @@ fails):
   checkpoint_every, keep_checkpoints, sample_every (0: no sample grids),
   nan_policy ('stop' | 'skip'), restart_if_unreadable (start from step 0 when every
   checkpoint is damaged; they are moved to checkpoints_damaged/, never deleted).
-- ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, num_samples,
+- ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, spacing (the
+  DPM-Solver++ grid: 'logsnr' | 'time_uniform' | 'time_quadratic'), num_samples,
   clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call).
 - ``dpm2015``: the 2015 paper's objectives (schedule, beta_1, baseline, mean_gain,
   prior_prob, kl_estimator, t_per_example, rbf_hidden, readout_basis); see
@@ -99,6 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ancestral"
     c.sample.num_steps = 1000
+    c.sample.spacing = "logsnr"  # DPM-Solver++ grid: 'logsnr' | 'time_uniform' | 'time_quadratic'
     c.sample.num_samples = 64
     c.sample.clip_denoised = True
     c.sample.grid_upscale = 1
