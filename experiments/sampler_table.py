@@ -1,49 +1,60 @@
 """Samplers compared on a 2-D Gaussian mixture whose density is known.
 
-Trains a small time-conditioned MLP with L_simple (DDPM Eq. 14, eps prediction, linear
-schedule, T = 1000) on the 8-component ring mixture of `diffusion_jax.data.toy`
-(radius 1.4, component std 0.1), then samples with
+Trains a small time-conditioned MLP on the 8-component ring mixture of
+`diffusion_jax.data.toy` (radius 1.4, component std 0.1) with improved DDPM's L_hybrid
+(eps prediction with L_simple, learned_range log-variances with the bound term; linear
+schedule, T = 1000), then samples from the same x_T with
 
-- ancestral sampling over all T = 1000 steps (DDPM Algorithm 2, beta-tilde variances),
+- ancestral sampling over all T = 1000 steps with the model's learned variances (the
+  reference), and with DDPM's two fixed variances (beta-tilde and beta) on its eps alone,
 - DDIM (eta = 0) on a respaced schedule of N evenly spaced steps (improved DDPM spec 'N'),
-- DPM-Solver++(2M) with N model evaluations (log-SNR spacing, final denoising step),
+- DPM-Solver++(2M) with N model evaluations on its log-SNR grid and on its time-quadratic
+  grid (`sampling.dpm_solver_timesteps`), final denoising step,
 
-for N = 10, 20, 50 (and DPM-Solver++ at 200 steps as the reference for the limit of the
-probability-flow ODE). The same samplers also run on the EXACT noise prediction of the
-mixture (its marginals are Gaussian mixtures in closed form), which separates the
+for N = 10, 20, 50 (and DPM-Solver++ at 200, the limit of the probability-flow ODE). The
+same samplers also run on the EXACT noise prediction of the mixture (its marginals are
+Gaussian mixtures in closed form; reference: beta-tilde variances), which separates the
 solvers' error from the network's.
 
-For each: the average TRUE log-density of the samples (nats per example), its relative
-difference to the ancestral chain's, the difference to the data's own average (minus the
-entropy: a sampler matching the data has 0 here; higher than the data means samples
-concentrated on the modes, not better samples), the median, and the sliced
-Wasserstein-1 distance to a fresh data sample of the same size (256 random directions;
-the data-vs-data row is the Monte Carlo floor). Writes markdown tables, a JSON file and a
-scatter plot to ``--outdir``.
+For each: the average TRUE log-density of the samples (nats per example, +- its standard
+error), its relative difference to the reference chain's (+- the standard error of the
+difference), the difference to the data's own average (a sampler matching the data has 0;
+higher than the data means samples concentrated on the modes, not better samples), the
+median, and the sliced Wasserstein-1 distance to a fresh data sample of the same size (256
+random directions; the data-vs-data row is the Monte Carlo floor). Writes markdown tables,
+a JSON file and a scatter plot to ``--outdir``.
 
-Command, from the repository root (or after ``pip install -e .``); about 4 minutes on
+Command, from the repository root (or after ``pip install -e .``); about 8 minutes on
 2 CPU cores:
 
     PYTHONPATH=. python experiments/sampler_table.py --outdir=/tmp/sampler_table
 
-Measured (seed 0, CPU; mean log p in nats, data -0.293; sliced W1 floor 0.017):
+Measured (seed 0, CPU, 50,000 samples per row; the full tables, JSON and plot of this run
+are in ``experiments/sampler_results/``; mean log p in nats, s.e. about 0.005; the
+data's own average -0.309, sliced W1 floor 0.0055):
 
-    sampler, evals        trained MLP: log p, W1     exact eps: log p, W1
-    ancestral, 1000       -0.257  0.021              -0.227  0.019
-    DDIM, 20              -0.548  0.039              -0.442  0.035
-    DDIM, 50              -0.229  0.023              -0.150  0.019
-    DPM-Solver++, 20      -0.449  0.027              -0.379  0.023
-    DPM-Solver++, 50      -0.346  0.026              -0.319  0.022
-    DPM-Solver++, 200     -0.329  0.025              -0.300  0.022
+    sampler, evals                     trained MLP: log p, vs ref., W1   exact eps: log p, W1
+    ancestral, learned var, 1000       -0.314  (ref.)       0.0058      -
+    ancestral, beta-tilde var, 1000    -0.249  +20.6 %      0.0063      -0.242 (ref.)  0.0056
+    ancestral, beta var, 1000          -0.334   -6.5 %      0.0057      -0.329         0.0049
+    DDIM, 20                           -0.570  -81.6 %      0.0261      -0.436         0.0228
+    DDIM, 50                           -0.222  +29.4 %      0.0145      -0.137         0.0124
+    DPM-Solver++, log-SNR, 20          -0.445  -41.9 %      0.0127      -0.390         0.0109
+    DPM-Solver++, log-SNR, 50          -0.348  -11.0 %      0.0092      -0.330         0.0067
+    DPM-Solver++, time-quadratic, 20   -0.357  -13.8 %      0.0099      -0.323         0.0085
+    DPM-Solver++, time-quadratic, 50   -0.324   -3.3 %      0.0093      -0.323         0.0065
+    DPM-Solver++, 200 (either grid)    -0.322   -2.5 %      0.0090      -0.309         0.0064
 
-DPM-Solver++ at 20 steps is NOT within 5 % of the ancestral chain on this metric (-75 %):
-the ancestral chain with beta-tilde variances sits ABOVE the data (samples slightly
-concentrated on the modes), the probability-flow ODE of the trained network converges to
--0.33 (DPM-Solver++ at 200 steps), not to the ancestral value, and a reference this close
-to 0 makes relative differences large. With the exact eps DPM-Solver++ converges to the
-data's value (-0.38, -0.32, -0.30 at 20, 50, 200 steps), as a consistent ODE solver must.
-DDIM's few-step error concentrates samples on the modes, which raises the mean log p
-(DDIM 50 above the data) while the median and W1 show it is not a better fit.
+Reading it: the chain with learned variances matches the data (-0.314 against -0.309);
+beta-tilde variances are too small for data this sharp and concentrate the samples (+0.06
+nats even with the exact eps), beta variances spread them. DPM-Solver++(2M) at 20 steps is
+NOT within 5 % of the learned-variance chain: -13.8 % on the time-quadratic grid, -42 % on
+the log-SNR grid; at 50 steps on the time-quadratic grid it is (-3.3 %). With the exact eps
+the time-quadratic grid at 20 steps is 0.014 nats from the data (4.5 %); the trained
+network's eps, less smooth in t, adds about 0.035 nats of discretization error at 20 steps
+(seen across two training seeds and a 3x longer run: -0.35 to -0.38). DDIM's few-step
+error concentrates samples on the modes, which raises the mean log p (DDIM 50 above the
+data) while the median and W1 show it is not a better fit.
 """
 
 from __future__ import annotations
@@ -73,6 +84,7 @@ class TimeMLP(nn.Module):
     num_timesteps: int
     hidden: int = 128
     depth: int = 3
+    out_dim: int = 2
 
     @nn.compact
     def __call__(self, x, t):
@@ -85,12 +97,14 @@ class TimeMLP(nn.Module):
         for _ in range(self.depth):
             h = nn.swish(h + nn.Dense(self.hidden)(temb))
             h = nn.Dense(self.hidden)(h)
-        return nn.Dense(x.shape[-1])(nn.swish(h))
+        return nn.Dense(self.out_dim)(nn.swish(h))
 
 
 def train(args, schedule, mixture):
-    """Adam + cosine decay on L_simple with fresh mixture samples each step; EMA params."""
-    model = TimeMLP(schedule.num_timesteps)
+    """Adam + cosine decay on L_hybrid (improved DDPM: L_simple for eps, the bound term for
+    the interpolated log-variance, Gaussian decoder at t = 0) with fresh mixture samples
+    each step; returns the EMA model, output (B, 4) = [eps, v]."""
+    model = TimeMLP(schedule.num_timesteps, out_dim=4)
     init_key, key = jax.random.split(jax.random.key(args.seed))
     params = model.init(init_key, jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32))["params"]
     lr = optax.cosine_decay_schedule(args.lr, args.train_steps, alpha=0.05)
@@ -109,7 +123,8 @@ def train(args, schedule, mixture):
         def loss_fn(p):
             out = losses.training_losses(
                 schedule, Partial(apply, p), x0, t, key=noise_key,
-                mean_type="eps", var_type="fixed_small", loss_type="mse",
+                mean_type="eps", var_type="learned_range", loss_type="hybrid",
+                decoder_type="gaussian",
             )
             return jnp.mean(out["loss"])
 
@@ -126,7 +141,7 @@ def train(args, schedule, mixture):
         params, opt_state, ema, loss = step(params, opt_state, ema, x0, jax.random.fold_in(key, i))
         running.append(loss)
         if (i + 1) % max(args.train_steps // 5, 1) == 0:
-            print(f"step {i + 1}: L_simple {float(jnp.mean(jnp.stack(running))):.4f} "
+            print(f"step {i + 1}: L_hybrid {float(jnp.mean(jnp.stack(running))):.4f} "
                   f"({time.time() - start:.0f} s)", flush=True)
             running = []
     # One function object for every call: the samplers compile once per shape.
@@ -154,20 +169,44 @@ def exact_mixture_eps(means, std, alphas_cumprod, x_t, t):
     return -jnp.sqrt(1.0 - alphas_cumprod[t])[:, None] * score
 
 
-def run_samplers(args, schedule, model_fn):
-    """[(sampler, model evaluations, samples float64 (n, 2), seconds)]."""
+def _eps_part(model_fn, x_t, t):
+    return model_fn(x_t, t)[..., : x_t.shape[-1]]
+
+
+def run_samplers(args, schedule, model_fn, var_type):
+    """[(sampler, model evaluations, samples float64 (n, 2), seconds)].
+
+    The first row is the reference: ancestral sampling over all T steps with the model's
+    own variances (``var_type``: learned_range for the trained MLP; beta-tilde for the exact
+    eps, which has no variance output). The fixed variances of DDPM follow (for a model with
+    learned variances, on its eps output alone), then DDIM and DPM-Solver++(2M) on both
+    of its grids. Every sampler starts from the same x_T.
+    """
     shape = (args.num_samples, 2)
-    kw = dict(mean_type="eps", var_type="fixed_small")
+    kw = dict(mean_type="eps", var_type=var_type)
     key = jax.random.key(args.seed + 1)
-    runs = [("ancestral", schedule.num_timesteps,
-             lambda: sampling.p_sample_loop(schedule, model_fn, shape, key=key, **kw))]
+    x_T = jax.random.normal(jax.random.key(args.seed + 3), shape)
+    eps_fn = Partial(_eps_part, model_fn)
+    runs = [("ancestral" + (" (learned var)" if var_type != "fixed_small" else
+                            " (beta-tilde var)"), schedule.num_timesteps,
+             lambda: sampling.p_sample_loop(schedule, model_fn, shape, key=key, x_T=x_T, **kw))]
+    fixed = ["fixed_large"] if var_type == "fixed_small" else ["fixed_small", "fixed_large"]
+    for vt in fixed:
+        name = {"fixed_small": "beta-tilde", "fixed_large": "beta"}[vt]
+        runs.append((f"ancestral ({name} var)", schedule.num_timesteps,
+                     lambda vt=vt: sampling.p_sample_loop(
+                         schedule, eps_fn, shape, key=key, x_T=x_T, mean_type="eps",
+                         var_type=vt)))
     for n in STEP_COUNTS:
         spaced, spaced_model = sampling.respace(schedule, model_fn, str(n))
         runs.append(("DDIM", n, lambda s=spaced, m=spaced_model: sampling.ddim_sample_loop(
-            s, m, shape, key=key, **kw)))
-    for n in STEP_COUNTS + (200,):
-        runs.append(("DPM-Solver++(2M)", n, lambda n=n: sampling.dpm_solver_pp_sample_loop(
-            schedule, model_fn, shape, num_steps=n, key=key, **kw)))
+            s, m, shape, key=key, x_T=x_T, **kw)))
+    for spacing in ("logsnr", "time_quadratic"):
+        for n in STEP_COUNTS + (200,):
+            runs.append((f"DPM-Solver++(2M), {spacing}", n,
+                         lambda n=n, sp=spacing: sampling.dpm_solver_pp_sample_loop(
+                             schedule, model_fn, shape, num_steps=n, key=key, x_T=x_T,
+                             spacing=sp, **kw)))
     results = []
     for name, steps, fn in runs:
         start = time.time()
@@ -183,23 +222,29 @@ def evaluate(results, mixture, data, fresh):
     rows += [{"sampler": n, "steps": s, "x": x, "seconds": sec} for n, s, x, sec in results]
     for row in rows:
         logp = mixture.log_prob(row["x"])
-        row.update(mean_logp=float(logp.mean()), median_logp=float(np.median(logp)),
+        row.update(mean_logp=float(logp.mean()),
+                   se_logp=float(logp.std(ddof=1) / math.sqrt(logp.size)),
+                   median_logp=float(np.median(logp)),
                    sliced_w1=sliced_wasserstein(row["x"], fresh))
     return rows
 
 
 def table(rows):
-    data_logp, ancestral_logp = rows[0]["mean_logp"], rows[1]["mean_logp"]
+    """Markdown; relative differences are to rows[1] (the reference ancestral chain), with
+    the standard error of the difference of the two independent means."""
+    data_logp, ref = rows[0]["mean_logp"], rows[1]
     lines = [
-        "| sampler | model evals | mean log p(x) (nats) | vs ancestral | minus data's | "
-        "median log p | sliced W1 to data | time (s) |",
+        "| sampler | model evals | mean log p(x) (nats) | vs ancestral (+- s.e.) | "
+        "minus data's | median log p | sliced W1 to data | time (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        rel = (row["mean_logp"] - ancestral_logp) / abs(ancestral_logp)
+        rel = (row["mean_logp"] - ref["mean_logp"]) / abs(ref["mean_logp"])
+        se = math.hypot(row["se_logp"], ref["se_logp"]) / abs(ref["mean_logp"])
+        vs = "(reference)" if row is ref else f"{100 * rel:+.1f} +- {100 * se:.1f} %"
         lines.append(
-            f"| {row['sampler']} | {row['steps']} | {row['mean_logp']:.3f} | "
-            f"{100 * rel:+.1f} % | {row['mean_logp'] - data_logp:+.3f} | "
+            f"| {row['sampler']} | {row['steps']} | {row['mean_logp']:.3f} +- "
+            f"{row['se_logp']:.3f} | {vs} | {row['mean_logp'] - data_logp:+.3f} | "
             f"{row['median_logp']:.3f} | {row['sliced_w1']:.4f} | {row['seconds']:.1f} |"
         )
     return "\n".join(lines)
@@ -221,8 +266,9 @@ def scatter(path, panel_rows):
         for ax, row in zip(ax_row, panels):
             x = row["x"][:2000]
             ax.scatter(x[:, 0], x[:, 1], s=0.5, alpha=0.5)
-            title = row["sampler"] + (f" {row['steps']}" if row["steps"] else "")
-            ax.set_title(f"{label}: {title}", fontsize=7)
+            name = row["sampler"].replace("DPM-Solver++(2M), ", "DPM++ ").replace(" var)", ")")
+            title = name + (f" {row['steps']}" if row["steps"] else "")
+            ax.set_title(f"{label}:\n{title}" if ax is ax_row[0] else title, fontsize=7)
             ax.set_xlim(-2.2, 2.2)
             ax.set_ylim(-2.2, 2.2)
             ax.set_aspect("equal")
@@ -239,7 +285,7 @@ def main():
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--num_timesteps", type=int, default=1000)
-    parser.add_argument("--num_samples", type=int, default=10_000)
+    parser.add_argument("--num_samples", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     outdir = pathlib.Path(args.outdir)
@@ -258,12 +304,13 @@ def main():
     fresh = mixture.sample(rng, args.num_samples).astype(np.float64)
     data = mixture.sample(rng, args.num_samples).astype(np.float64)
     report, summary, panel_rows = [], {}, []
-    for label, model_fn in [("trained MLP", trained), ("exact eps", exact)]:
+    models = [("trained MLP", trained, "learned_range"), ("exact eps", exact, "fixed_small")]
+    for label, model_fn, var_type in models:
         print(f"sampling with the {label}:", flush=True)
-        rows = evaluate(run_samplers(args, schedule, model_fn), mixture, data, fresh)
+        rows = evaluate(run_samplers(args, schedule, model_fn, var_type), mixture, data, fresh)
         report.append(f"### {label}\n\n{table(rows)}\n")
         summary[label] = [{k: v for k, v in row.items() if k != "x"} for row in rows]
-        panel_rows.append((label, rows))
+        panel_rows.append((label, [r for r in rows if r["steps"] in (0, 20, 1000)]))
     header = (
         f"Ring mixture (8 x N(., 0.1^2 I), radius 1.4); linear schedule T = "
         f"{args.num_timesteps}; eps-MLP trained {args.train_steps} steps (batch "
