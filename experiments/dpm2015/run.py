@@ -306,6 +306,7 @@ def run_heartbeat(args, variant, results):
         **fields,
         "prior_prob": config.dpm2015.prior_prob,
         "features": list(config.model.features), "activation": config.model.activation,
+        "readout_basis": int(config.dpm2015.readout_basis), "lr": float(config.optim.lr),
         "oracle_K": oracle_k, "oracle_K_se": oracle_se,
         "valid_sample_fraction": float(valid.mean()),
         "phase_counts": np.bincount(phases, minlength=5).tolist(),
@@ -396,8 +397,12 @@ def write_table(results, path, variant):
             f"- Model: binomial diffusion, T = {r['T']} steps toward Bernoulli("
             f"{r['prior_prob']:g}), beta_t = 1 / (T - t + 1); reverse rates f_b from an MLP "
             f"with hidden layers {r['features']} of {r['activation']} units shared over time "
-            "and a readout per step, every KL term of every example in each training batch "
-            f"(`configs/heartbeat.py`). {r['examples']} held-out sequences.",
+            "and a readout per step"
+            + (f" (each a combination of {r['readout_basis']} basis readouts, smooth in t)"
+               if r.get("readout_basis") else "")
+            + ", every KL term of every example in each training batch"
+            + (f", Adam at {r['lr']:g} with cosine decay" if r.get("lr") else "")
+            + f" (`configs/heartbeat.py`). {r['examples']} held-out sequences.",
             f"- The best factorized reverse kernels at this T (each bit's rate the exact "
             f"posterior mixture over the 5 sequences, i.e. a perfect network) score K = "
             f"{r['oracle_K']:.3f} ± {r['oracle_K_se']:.3f} bits/seq; the truth is "
