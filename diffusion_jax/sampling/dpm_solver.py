@@ -60,8 +60,9 @@ def dpm_solver_timesteps(schedule: Schedule, num_steps: int, *, spacing: str = "
     ``logsnr``: evenly spaced in lambda = log(sqrt(abar) / sqrt(1 - abar)) between
     lambda(T-1) and lambda(0) (the step-size schedule DPM-Solver recommends), rounded to steps;
     ``time_uniform``: evenly spaced in t; ``time_quadratic``: evenly spaced in sqrt(t),
-    which puts more points near t = 0, where a sharp data distribution needs them. Points that round to the same step are pushed
-    apart so the grid is strictly decreasing. Works on traced schedules.
+    which puts more points near t = 0, where a sharp data distribution needs them. Points
+    that round to the same step are pushed apart so the grid is strictly decreasing. Works
+    on traced schedules.
 
     Args:
       num_steps: N, 1 <= N <= T (N = 1 gives [T-1]).
