@@ -97,7 +97,7 @@ MODELS = {
     "small": (64, (1, 2, 2), 1, (8,)),
     "micro": (32, (1,), 1, ()),  # --quick: one level (no resampling), compiles in seconds
 }
-SAMPLERS = ("ancestral", "ddim", "dpm_solver++")
+SAMPLERS = sampling.SAMPLERS
 ALL_CASES = ("train", "sample", "bpd", "data", "loop")
 
 

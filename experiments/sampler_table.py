@@ -72,7 +72,7 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
-from diffusion_jax import losses, sampling, schedules
+from diffusion_jax import gaussian, losses, sampling, schedules
 from diffusion_jax.data import toy
 
 STEP_COUNTS = (10, 20, 50)
@@ -170,7 +170,8 @@ def exact_mixture_eps(means, std, alphas_cumprod, x_t, t):
 
 
 def _eps_part(model_fn, x_t, t):
-    return model_fn(x_t, t)[..., : x_t.shape[-1]]
+    """The eps half of a learned-variance model's output."""
+    return gaussian.split_model_output(model_fn(x_t, t), x_t, "learned_range")[0]
 
 
 def run_samplers(args, schedule, model_fn, var_type):
@@ -186,7 +187,7 @@ def run_samplers(args, schedule, model_fn, var_type):
     kw = dict(mean_type="eps", var_type=var_type)
     key = jax.random.key(args.seed + 1)
     x_T = jax.random.normal(jax.random.key(args.seed + 3), shape)
-    eps_fn = Partial(_eps_part, model_fn)
+    eps_fn = model_fn if var_type == "fixed_small" else Partial(_eps_part, model_fn)
     runs = [("ancestral" + (" (learned var)" if var_type != "fixed_small" else
                             " (beta-tilde var)"), schedule.num_timesteps,
              lambda: sampling.p_sample_loop(schedule, model_fn, shape, key=key, x_T=x_T, **kw))]

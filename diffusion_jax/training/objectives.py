@@ -102,7 +102,7 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
             schedule, model_fn, (num,) + shape, key=key, sampler=config.sample.sampler,
             num_steps=config.sample.num_steps, mean_type=d.mean_type, var_type=d.var_type,
             clip_denoised=config.sample.clip_denoised,
-            spacing=config.sample.get("spacing", "logsnr"),
+            spacing=config.sample.spacing,
         )
 
     def evaluate(params, batch, key):

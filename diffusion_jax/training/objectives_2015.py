@@ -198,7 +198,7 @@ def _network(config: ml_collections.ConfigDict, kind: str, dim: int) -> nn.Modul
     out_dim = 2 * dim if kind == "gaussian" else dim
     name = config.model.name
     check_choice("model.name (for the 2015 objectives)", name, NETWORKS)
-    basis = config.dpm2015.get("readout_basis", 0)
+    basis = config.dpm2015.readout_basis
     if isinstance(basis, bool) or not isinstance(basis, int) or not 0 <= basis <= num_readouts:
         raise ValueError(
             f"dpm2015.readout_basis must be an int in [0, T - 1 = {num_readouts}] (0: a free "

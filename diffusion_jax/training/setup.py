@@ -8,14 +8,13 @@ import ml_collections
 
 from diffusion_jax import gaussian, losses, schedules
 from diffusion_jax.models import MLP, UNet
-from diffusion_jax.sampling.dpm_solver import SPACINGS
+from diffusion_jax.sampling import SAMPLERS, SPACINGS
 from diffusion_jax.training.step import NAN_POLICIES
 
 __all__ = ["MODEL_NAMES", "create_model", "validate_config"]
 
 MODEL_NAMES = ("unet", "mlp")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-SAMPLERS = ("ancestral", "ddim", "dpm_solver++")
 
 
 def _require_positive_int(name: str, value) -> None:
@@ -73,7 +72,7 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
     gaussian.check_choice("model.name", config.model.name, MODEL_NAMES)
     gaussian.check_choice("model.dtype", config.model.dtype, tuple(DTYPES))
     gaussian.check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
-    gaussian.check_choice("sample.spacing", config.sample.get("spacing", "logsnr"), SPACINGS)
+    gaussian.check_choice("sample.spacing", config.sample.spacing, SPACINGS)
     _require_positive_int("diffusion.num_timesteps", d.num_timesteps)
     steps = config.sample.num_steps
     if config.sample.sampler != "ancestral" and not (
