@@ -64,6 +64,7 @@ NUMPY_ACTIVATIONS = {
     "swish": lambda a: a / (1.0 + np.exp(-a)),
     "relu": lambda a: np.maximum(a, 0.0),
     "sigmoid": lambda a: 1.0 / (1.0 + np.exp(-a)),
+    "centered_sigmoid": lambda a: 1.0 / (1.0 + np.exp(-a)) - 0.5,
     "tanh": np.tanh,
 }
 
@@ -85,6 +86,26 @@ def test_per_step_readout_model_matches_numpy(data, activation):
     np.testing.assert_allclose(model.apply({"params": params}, x, t), want, rtol=1e-5, atol=1e-5)
 
 
+def test_centered_sigmoid_computes_what_sigmoid_units_compute(data):
+    # sigmoid(x) - 1/2 is a reparameterisation, not a new unit: moving -W 1/2 into the next
+    # layer's bias turns the centred network into a plain sigmoid one with the same output.
+    x, t = data
+    centred = MLP(**SMALL, per_step_readout=True, time_embedding="none",
+                  activation="centered_sigmoid")
+    plain = MLP(**SMALL, per_step_readout=True, time_embedding="none", activation="sigmoid")
+    params = _init(centred, x, t)
+    shifted = jax.tree.map(lambda a: a, params)
+    for name in ("hidden_1",):
+        shifted[name] = dict(params[name], bias=params[name]["bias"]
+                             - 0.5 * jnp.sum(params[name]["kernel"], axis=0))
+    shifted["readout_bias"] = params["readout_bias"] - 0.5 * jnp.sum(
+        params["readout_kernel"], axis=1)
+    out_c = centred.apply({"params": params}, x, t)
+    np.testing.assert_allclose(plain.apply({"params": shifted}, x, t), out_c,
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(plain.apply({"params": params}, x, t), out_c, atol=1e-3)
+
+
 def test_works_under_jit_with_traced_t(data):
     x, t = data
     model = MLP(**SMALL, per_step_readout=True)
@@ -98,8 +119,8 @@ def test_works_under_jit_with_traced_t(data):
 
 def test_rejects_unknown_activation(data):
     x, t = data
-    with pytest.raises(ValueError, match=r"unknown activation 'gelu'; valid: \['relu', "
-                                         r"'sigmoid', 'swish', 'tanh'\]"):
+    with pytest.raises(ValueError, match=r"unknown activation 'gelu'; valid: \['centered_sigmoid', "
+                                         r"'relu', 'sigmoid', 'swish', 'tanh'\]"):
         MLP(**SMALL, activation="gelu").init(jax.random.key(0), x, t)
 
 

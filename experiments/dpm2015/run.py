@@ -314,6 +314,14 @@ def run_heartbeat(args, variant, results):
     heartbeat_figure(model, params, x, args.outdir / "heartbeat.png", jax.random.key(4))
 
 
+def _units(activation):
+    if activation == "centered_sigmoid":
+        return ("sigmoid units (each passing on sigmoid(a) - 1/2: the same functions as plain "
+                "sigmoid units, a parameterisation Adam trains much faster, "
+                "`models.mlp.centered_sigmoid`)")
+    return f"{activation} units"
+
+
 def write_table(results, path, variant):
     lines = [
         "# The 2015 paper's experiments, reproduced",
@@ -396,8 +404,8 @@ def write_table(results, path, variant):
             "",
             f"- Model: binomial diffusion, T = {r['T']} steps toward Bernoulli("
             f"{r['prior_prob']:g}), beta_t = 1 / (T - t + 1); reverse rates f_b from an MLP "
-            f"with hidden layers {r['features']} of {r['activation']} units shared over time "
-            "and a readout per step"
+            f"with hidden layers {r['features']} of {_units(r['activation'])} shared over "
+            "time and a readout per step"
             + (f" (each a combination of {r['readout_basis']} basis readouts, smooth in t)"
                if r.get("readout_basis") else "")
             + ", every KL term of every example in each training batch"
