@@ -55,19 +55,21 @@ Reading it: the chain with learned variances matches the data (-0.309 against -0
 beta-tilde variances are too small for data this sharp and concentrate the samples (+0.06
 nats even with the exact eps), beta variances spread them. DPM-Solver++(2M) at 20 steps on
 its time-quadratic grid comes within 5 % of the learned-variance chain on two of three
-training seeds (-3.6 %, -2.3 %) but not on the third (-10.2 %): the 5 % goal is met for
-this network on average over seeds only narrowly and not for every training run. On the
-log-SNR grid it is far off (-30 % and worse): that grid spends its points at high noise,
-while data this sharp need them near t = 0. Read the 20-step figure with the 200-step
-one: this network's probability-flow ODE, solved finely, concentrates samples slightly
-(+7 %, 0.022 nats above the data), and at 20 steps the solver's own error, which spreads
-samples (the exact eps shows it: -0.323 at 20 steps against -0.309 at 200), partly offsets
-that. A smaller network (3 blocks of width 128, the previous default: ``--hidden 128
---depth 3``) was 13.8 % off at 20 steps: locating its error by swapping in the exact eps
-below and above a step showed nearly all of it at t < 100, where the eps network must
-resolve the mixture's 0.1-wide components. DDIM's few-step error concentrates samples on
-the modes, which raises the mean log p (DDIM 50 above the data) while the median and W1
-show it is not a better fit.
+training seeds (-3.6 %, -2.3 %) but not on the third (-10.2 %): the 5 % goal is NOT met
+for every training run. On the log-SNR grid it is far off (-30 % and worse): that grid
+spends its points at high noise, while data this sharp need them near t = 0. Read the
+20-step figure with the 200-step one, the limit of the probability-flow ODE: the solver's
+own 20-step error spreads samples, by 0.014 nats with the exact eps (-0.323 against
+-0.309) and by 0.033 (seed 0) and 0.040 (seed 2: -0.365 against -0.325) with trained
+networks, about what the previous 3x128 network showed (0.035); the two seeds differ mainly
+in where their ODE lies (seed 0 +7 %, concentrated, which offsets the solver's error;
+seed 2 +2 %). So the larger network did not make the 20-step solve more accurate; the
+remaining gap is the trained eps at t < 100: for the 3x128 network (13.8 % off at 20
+steps), swapping in the exact eps below and above a step put nearly all of the error
+there, where the network must resolve the mixture's 0.1-wide components. Averaging the
+weights longer (EMA 0.9999 instead of 0.999, seed 2) did not help (-0.377 at 20 steps).
+DDIM's few-step error concentrates samples on the modes, which raises the mean log p (DDIM
+50 above the data) while the median and W1 show it is not a better fit.
 """
 
 from __future__ import annotations
