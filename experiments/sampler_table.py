@@ -1,10 +1,9 @@
 """Samplers compared on a 2-D Gaussian mixture whose density is known.
 
-Trains a time-conditioned MLP (4 blocks of width 256, about 0.6M parameters) on the
-8-component ring mixture of
-`diffusion_jax.data.toy` (radius 1.4, component std 0.1) with improved DDPM's L_hybrid
-(eps prediction with L_simple, learned_range log-variances with the bound term; linear
-schedule, T = 1000), then samples from the same x_T with
+Trains a time-conditioned MLP (4 blocks of width 256, 0.54M parameters) on the
+8-component ring mixture of `diffusion_jax.data.toy` (radius 1.4, component std 0.1) with
+improved DDPM's L_hybrid (eps prediction with L_simple, learned_range log-variances with
+the bound term; linear schedule, T = 1000), then samples from the same x_T with
 
 - ancestral sampling over all T = 1000 steps with the model's learned variances (the
   reference), and with DDPM's two fixed variances (beta-tilde and beta) on its eps alone,

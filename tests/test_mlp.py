@@ -94,12 +94,12 @@ def test_centered_sigmoid_computes_what_sigmoid_units_compute(data):
                   activation="centered_sigmoid")
     plain = MLP(**SMALL, per_step_readout=True, time_embedding="none", activation="sigmoid")
     params = _init(centred, x, t)
-    shifted = jax.tree.map(lambda a: a, params)
-    for name in ("hidden_1",):
-        shifted[name] = dict(params[name], bias=params[name]["bias"]
-                             - 0.5 * jnp.sum(params[name]["kernel"], axis=0))
-    shifted["readout_bias"] = params["readout_bias"] - 0.5 * jnp.sum(
-        params["readout_kernel"], axis=1)
+    hidden = params["hidden_1"]
+    shifted = dict(
+        params,
+        hidden_1=dict(hidden, bias=hidden["bias"] - 0.5 * jnp.sum(hidden["kernel"], axis=0)),
+        readout_bias=params["readout_bias"] - 0.5 * jnp.sum(params["readout_kernel"], axis=1),
+    )
     out_c = centred.apply({"params": params}, x, t)
     np.testing.assert_allclose(plain.apply({"params": shifted}, x, t), out_c,
                                rtol=1e-5, atol=1e-5)

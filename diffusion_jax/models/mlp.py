@@ -33,7 +33,6 @@ import numpy as np
 from diffusion_jax.models.unet import timestep_embedding
 
 
-
 def centered_sigmoid(x: jax.Array) -> jax.Array:
     """sigmoid(x) - 1/2: a sigmoid unit whose output is centred on 0.
 
