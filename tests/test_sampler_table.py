@@ -17,16 +17,20 @@ SCRIPT = ROOT / "experiments" / "sampler_table.py"
 NUM_SAMPLES = 400
 
 
-def test_sampler_table_runs_at_toy_size(tmp_path):
+def run_script(outdir, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device: the script does not shard
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), f"--outdir={tmp_path}", "--train_steps=20",
+        [sys.executable, str(SCRIPT), f"--outdir={outdir}", "--train_steps=20",
          f"--num_samples={NUM_SAMPLES}", "--num_timesteps=200", "--hidden=16", "--depth=1",
-         "--batch_size=32"],
+         "--batch_size=32", *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_sampler_table_runs_at_toy_size(tmp_path):
+    run_script(tmp_path)
     for name in ("sampler_table.md", "sampler_table.json", "samples.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     summary = json.loads((tmp_path / "sampler_table.json").read_text())
@@ -48,6 +52,11 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
     for row in summary["exact eps"]:
         assert np.isfinite(row["mean_logp"]) and row["se_logp"] > 0, row
         assert np.isfinite(row["sliced_w1"]) and row["sliced_w1"] >= 0, row
+    for row in summary["trained MLP"] + summary["exact eps"]:
+        assert 0.0 <= row["off_modes"] <= 1.0, row
+    # Mixture samples lie beyond 4 stds of every centre with probability exp(-8) = 3.4e-4:
+    # at most a few of the 400 data points.
+    assert summary["exact eps"][0]["off_modes"] <= 5 / NUM_SAMPLES
 
     # Exact eps, 200 DPM-Solver++ steps over a T = 200 schedule: samples of the data
     # distribution up to discretisation; the data's own mean log p is within 5 standard
@@ -57,3 +66,16 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
     ode = exact[("DPM-Solver++(2M), time_quadratic", 200)]
     tol = 5.0 * np.hypot(data["se_logp"], ode["se_logp"])
     assert abs(ode["mean_logp"] - data["mean_logp"]) < tol, (ode, data, tol)
+
+
+def test_sampler_table_reference_and_dpm_rows(tmp_path):
+    """--rows=reference_and_dpm (the seed study): the data, the reference chain and
+    DPM-Solver++'s rows, nothing else."""
+    run_script(tmp_path, "--rows=reference_and_dpm")
+    summary = json.loads((tmp_path / "sampler_table.json").read_text())
+    dpm = [(f"DPM-Solver++(2M), {grid}", n)
+           for grid in ("logsnr", "time_quadratic") for n in (10, 20, 50, 200)]
+    for label, first in (("trained MLP", "ancestral (learned var)"),
+                         ("exact eps", "ancestral (beta-tilde var)")):
+        got = [(r["sampler"], r["steps"]) for r in summary[label]]
+        assert got == [("data (fresh sample)", 0), (first, 200)] + dpm, got
