@@ -73,11 +73,11 @@ nats with the exact eps: -0.323 against -0.309), and 2.4-2.9 times more with a t
 network (0.033 nats seed 0, 0.040 nats seed 2); the seeds differ mainly in where their
 ODE lies (seed 0 +7 %, concentrated, which offsets the solver's error; seed 2 +2.0 %).
 Swapping in the exact eps below and above a step (3x128 network) put nearly all of the
-network's share at t < 100, where it must resolve the mixture's 0.1-wide components. With the exact eps the
-error does not shrink steadily with the step count (another x_T: 20 steps -0.317, 30
--0.344, 50 -0.317, 100 -0.305, 200 -0.303; the same on an unrounded continuous-time
-grid), so at 20 steps errors partly cancel, and 5 % is about the solver's error even for a
-perfect network.
+network's share at t < 100, where it must resolve the mixture's 0.1-wide components.
+With the exact eps the error does not shrink steadily with the step count (another x_T:
+20 steps -0.317, 30 -0.344, 50 -0.317, 100 -0.305, 200 -0.303; the same on an unrounded
+continuous-time grid), so at 20 steps errors partly cancel, and 5 % is about the solver's
+error even for a perfect network.
 
 Tried on seed 2 without success (prototypes, not kept): a 4x256 network instead of 3x128
 (same 20-step error), EMA 0.9999 (-0.377 at 20 steps), sampling t < 100 more often in
