@@ -234,14 +234,15 @@ def run_samplers(args, schedule, model_fn, var_type):
     runs = [("ancestral" + (" (learned var)" if var_type != "fixed_small" else
                             " (beta-tilde var)"), schedule.num_timesteps,
              lambda: sampling.p_sample_loop(schedule, model_fn, shape, key=key, x_T=x_T, **kw))]
+    every_row = args.rows == "all"
     fixed = ["fixed_large"] if var_type == "fixed_small" else ["fixed_small", "fixed_large"]
-    for vt in fixed:
+    for vt in fixed if every_row else ():
         name = {"fixed_small": "beta-tilde", "fixed_large": "beta"}[vt]
         runs.append((f"ancestral ({name} var)", schedule.num_timesteps,
                      lambda vt=vt: sampling.p_sample_loop(
                          schedule, eps_fn, shape, key=key, x_T=x_T, mean_type="eps",
                          var_type=vt)))
-    for n in STEP_COUNTS:
+    for n in STEP_COUNTS if every_row else ():
         spaced, spaced_model = sampling.respace(schedule, model_fn, str(n))
         runs.append(("DDIM", n, lambda s=spaced, m=spaced_model: sampling.ddim_sample_loop(
             s, m, shape, key=key, x_T=x_T, **kw)))
@@ -251,8 +252,6 @@ def run_samplers(args, schedule, model_fn, var_type):
                          lambda n=n, sp=spacing: sampling.dpm_solver_pp_sample_loop(
                              schedule, model_fn, shape, num_steps=n, key=key, x_T=x_T,
                              spacing=sp, **kw)))
-    if args.rows == "reference_and_dpm":
-        runs = runs[:1] + [r for r in runs if r[0].startswith("DPM-Solver++")]
     results = []
     for name, steps, fn in runs:
         start = time.time()

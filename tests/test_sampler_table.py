@@ -4,6 +4,7 @@ probability-flow ODE solved finely reproduces the data's average log-density.
 
 The full-size figures belong to the script (25 minutes); this only guards it from rot."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -15,6 +16,17 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "sampler_table.py"
 NUM_SAMPLES = 400
+DPM_ROWS = [(f"DPM-Solver++(2M), {grid}", n)
+            for grid in ("logsnr", "time_quadratic") for n in (10, 20, 50, 200)]
+REFERENCE = {"trained MLP": "ancestral (learned var)", "exact eps": "ancestral (beta-tilde var)"}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("sampler_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # flax's dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(outdir, *extra):
@@ -36,11 +48,8 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
     summary = json.loads((tmp_path / "sampler_table.json").read_text())
     assert sorted(summary) == ["exact eps", "trained MLP"]
 
-    want = [("DDIM", n) for n in (10, 20, 50)] + [
-        (f"DPM-Solver++(2M), {grid}", n)
-        for grid in ("logsnr", "time_quadratic") for n in (10, 20, 50, 200)]
-    for label, first in (("trained MLP", "ancestral (learned var)"),
-                         ("exact eps", "ancestral (beta-tilde var)")):
+    want = [("DDIM", n) for n in (10, 20, 50)] + DPM_ROWS
+    for label, first in REFERENCE.items():
         rows = summary[label]
         got = [(r["sampler"], r["steps"]) for r in rows]
         assert got[0] == ("data (fresh sample)", 0)
@@ -73,9 +82,24 @@ def test_sampler_table_reference_and_dpm_rows(tmp_path):
     DPM-Solver++'s rows, nothing else."""
     run_script(tmp_path, "--rows=reference_and_dpm")
     summary = json.loads((tmp_path / "sampler_table.json").read_text())
-    dpm = [(f"DPM-Solver++(2M), {grid}", n)
-           for grid in ("logsnr", "time_quadratic") for n in (10, 20, 50, 200)]
-    for label, first in (("trained MLP", "ancestral (learned var)"),
-                         ("exact eps", "ancestral (beta-tilde var)")):
+    for label, first in REFERENCE.items():
         got = [(r["sampler"], r["steps"]) for r in summary[label]]
-        assert got == [("data (fresh sample)", 0), (first, 200)] + dpm, got
+        assert got == [("data (fresh sample)", 0), (first, 200)] + DPM_ROWS, got
+
+
+def test_off_modes_counts_points_beyond_four_stds_of_every_centre():
+    from diffusion_jax.data import toy
+
+    off_modes = load_script().off_modes
+    mixture = toy.ring_mixture()  # radius 1.4, std 0.1
+    centre = mixture.means[0]
+    radial = centre / np.linalg.norm(centre)
+    x = np.stack([
+        centre,                        # on a mode
+        centre + 0.39 * radial,        # 3.9 stds out: still on it
+        centre + 0.41 * radial,        # 4.1 stds out, far from every other centre
+        np.zeros(2),                   # the ring's middle, 14 stds from every centre
+    ])
+    assert off_modes(x, mixture) == 0.5
+    assert off_modes(x[:2], mixture) == 0.0
+    assert off_modes(x, mixture, num_stds=3.0) == 0.75
