@@ -33,3 +33,19 @@ def key():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _contain_tempfiles(tmp_path_factory):
+    """Temporary files of the session (and of the processes it starts) under pytest's own
+    base temp, which pytest prunes: TFDS leaves an empty ``tmp*tfds`` directory in the
+    system temp dir each time a builder of an unprepared data set is made offline."""
+    root = str(tmp_path_factory.mktemp("tempfile"))
+    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = root, root
+    yield
+    tempfile.tempdir = saved_dir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
