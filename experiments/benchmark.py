@@ -57,6 +57,17 @@ Commands, from the repository root:
         --sample-batch=256 --bpd-batch=64 --data-batch=512 --eval-model=cifar \
         --dtypes=float32,bfloat16 --bf16-models=all --out=/tmp/gpu.json   # GPU / TPU
 
+Side by side with PyTorch in the same run: ``--torch-python=PATH`` names a Python
+interpreter that has ``torch`` and ``diffusers`` (they are not dependencies of this
+project; any environment will do). Before the JAX train cases, it runs
+`experiments/benchmark_torch.py` with that interpreter on the same models (``cifar``,
+``small``), batches and step counts; its cases go under ``torch`` in the JSON (and as rows
+of the markdown table), and each float32 JAX train case gets ``vs_torch``, its images/s
+over PyTorch's:
+
+    python experiments/benchmark.py --cases=train --dtypes=float32 \
+        --torch-python=/path/to/venv/bin/python --out=/tmp/side_by_side.json
+
 Batches are global, split over the devices of the mesh (multiples of the device count).
 Set ``XLA_FLAGS`` in the environment to try XLA options; the JSON records them.
 """
@@ -69,8 +80,10 @@ import math
 import os
 import pathlib
 import platform
+import re
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,6 +112,7 @@ MODELS = {
 }
 SAMPLERS = sampling.SAMPLERS
 ALL_CASES = ("train", "sample", "bpd", "data", "loop")
+TORCH_MODELS = ("cifar", "small")  # the configurations experiments/benchmark_torch.py builds
 
 
 # --- measurement helpers --------------------------------------------------------------------
@@ -205,6 +219,146 @@ def measure_peak(dtype: str, n: int, reps: int) -> dict[str, Any]:
         "flops_per_s": flops / statistics.median(times),
         "best_flops_per_s": flops / min(times),
         "times_s": [round(t, 5) for t in times],
+    }
+
+
+# --- where the time goes: one traced step, its ops grouped by kind -------------------------
+
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+_SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
+OP_KINDS = ("conv forward", "conv input grad", "conv weight grad", "matmul", "reduction",
+            "copy/transpose", "elementwise/other")
+
+
+def _parse_hlo(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Instruction name -> its text, computation name -> its instructions' names."""
+    instrs: dict[str, str] = {}
+    comps: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            comps[current] = []
+            continue
+        match = _INSTR.match(line)
+        if match and current is not None:
+            instrs[match.group(1)] = match.group(2)
+            comps[current].append(match.group(1))
+    return instrs, comps
+
+
+def _opcode(instr_text: str) -> str:
+    """The opcode of an instruction's text (what follows ``%name = ``), '' if none."""
+    match = re.search(r"\s([\w\-]+)\(", " " + instr_text)
+    return match.group(1) if match else ""
+
+
+def _dims(shape_text: str) -> list[int] | None:
+    match = _SHAPE.match(shape_text)
+    return None if match is None else [int(d) for d in match.group(1).split(",") if d]
+
+
+def classify_op(name: str, instrs: dict[str, str], comps: dict[str, list[str]]):
+    """(kind, FLOPs or None) of the compiled program's op ``name`` (a fusion is judged by
+    the instructions it calls): a convolution is a forward pass, an input gradient
+    (``transpose`` in its JAX op name) or a weight gradient (its window is larger than
+    its output, as when XLA writes dL/dW as a convolution of the input by dL/dy; cuDNN's
+    backward-filter call on a GPU); then matmuls, reductions, copies and transposes, and
+    the rest (elementwise fusions and small ops)."""
+    text = instrs.get(name, "")
+    body, stack, seen = [text], [text], set()
+    while stack:
+        for comp in _CALLS.findall(stack.pop()):
+            if comp not in seen:
+                seen.add(comp)
+                inner = [instrs[i] for i in comps.get(comp, [])]
+                body += inner
+                stack += inner
+    for line in body:
+        op = _opcode(line)
+        if op == "convolution":
+            out = _dims(line)
+            window = re.search(r"window=\{size=([\dx]+)", line)
+            labels = re.search(r"dim_labels=(\w+)_", line)
+            operand = re.search(r"convolution\(%([\w.\-]+)", line)
+            lhs = _dims(instrs.get(operand.group(1), "")) if operand else None
+            size = [int(d) for d in window.group(1).split("x")] if window else [1]
+            flops = None
+            if out and lhs and labels:
+                feature = lhs[labels.group(1).index("f")]
+                flops = 2.0 * math.prod(out) * math.prod(size) * feature
+            spatial = math.prod(out[1:-1]) if out and len(out) > 2 else 0
+            if math.prod(size) > spatial:
+                return "conv weight grad", flops
+            return ("conv input grad" if "transpose(" in line else "conv forward"), flops
+        if op == "custom-call" and "cudnn$conv" in line:
+            kind = ("conv weight grad" if "BackwardFilter" in line else
+                    "conv input grad" if "BackwardInput" in line else "conv forward")
+            return kind, None
+    for line in body:
+        if _opcode(line) == "dot":
+            out = _dims(line)
+            operand = re.search(r"dot\(%([\w.\-]+)", line)
+            lhs = _dims(instrs.get(operand.group(1), "")) if operand else None
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+            flops = None
+            if out is not None and lhs and contracting:
+                dims = [int(d) for d in contracting.group(1).split(",") if d]
+                flops = 2.0 * math.prod(out) * math.prod(lhs[d] for d in dims)
+            return "matmul", flops
+    if any("custom-call" in line and "gemm" in line for line in body):
+        return "matmul", None
+    ops = {_opcode(line) for line in body} - {""}
+    if ops & {"reduce", "reduce-window"}:
+        return "reduction", None
+    if ops and ops <= {"copy", "transpose", "bitcast", "parameter", "slice", "concatenate",
+                       "pad", "reshape", "broadcast"} and ops & {"copy", "transpose"}:
+        return "copy/transpose", None
+    return "elementwise/other", None
+
+
+def profile_step(run_step: Callable[[], Any], hlo_text: str, log_dir: str) -> dict[str, Any]:
+    """Traces one call of ``run_step`` (JAX's profiler, into ``log_dir``) and sums the time
+    of the compiled program's ops by kind (`classify_op`): milliseconds, share of the
+    summed op time, op count, and GFLOP/s of convolutions and matmuls. Ops that run at the same time
+    (on several threads or streams) are each counted in full, so the sum can exceed the
+    step's wall time: the shares say where the work goes, not a critical path."""
+    instrs, comps = _parse_hlo(hlo_text)
+    module = re.search(r"^HloModule ([\w.\-]+)", hlo_text, re.M)
+    module_name = module.group(1) if module else None
+    jax.block_until_ready(run_step())  # nothing pending when the trace starts
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        start = time.perf_counter()
+        jax.block_until_ready(run_step())
+        wall = time.perf_counter() - start
+    traces = sorted(pathlib.Path(log_dir).rglob("*.trace.json.gz"), key=os.path.getmtime)
+    if not traces:
+        raise RuntimeError(f"the profiler wrote no *.trace.json.gz under {log_dir}")
+    import gzip
+
+    events = json.loads(gzip.decompress(traces[-1].read_bytes()))["traceEvents"]
+    kinds = {k: {"ms": 0.0, "ops": 0, "flops": 0.0} for k in OP_KINDS}
+    for event in events:
+        args = event.get("args") or {}
+        name = args.get("hlo_op")
+        if event.get("ph") != "X" or name is None or name not in instrs:
+            continue
+        if module_name and args.get("hlo_module") not in (None, module_name):
+            continue
+        kind, flops = classify_op(name, instrs, comps)
+        kinds[kind]["ms"] += event.get("dur", 0.0) / 1e3
+        kinds[kind]["ops"] += 1
+        kinds[kind]["flops"] += flops or 0.0
+    total = sum(k["ms"] for k in kinds.values())
+    if total == 0:
+        raise RuntimeError(f"no op of the program {module_name} in the trace under {log_dir}")
+    return {
+        "traced_step_s": wall, "op_ms_total": total, "trace_dir": str(traces[-1].parent),
+        "kinds": {name: {"ms": k["ms"], "share": k["ms"] / total, "ops": k["ops"],
+                         "gflop": k["flops"] / 1e9 if k["flops"] else None,
+                         "gflop_per_s": (k["flops"] / k["ms"] / 1e6) if k["flops"] else None}
+                  for name, k in kinds.items() if k["ops"]},
     }
 
 
@@ -354,6 +508,10 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
         "peak_next_to_case_flops_per_s": peak["flops_per_s"],
         "memory": memory_report(compiled), "load_average": load_average(),
     }
+    if args.profile_dir:
+        label = f"train_{model}_{dtype}_{mesh.size}dev"
+        case["profile"] = profile_step(one_step, compiled.as_text(),
+                                       os.path.join(args.profile_dir, label))
     peaks.setdefault(dtype, []).append(peak["flops_per_s"])
     _rates(case, images=batch, flops=flops, extra=ddpm_extra_flops(model, batch, 3),
            peak=peak["flops_per_s"])
@@ -548,12 +706,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loop-batch", type=int, default=16)
     p.add_argument("--loop-steps", type=int, default=8)
     p.add_argument("--peak-size", type=int, default=None, help="matmul size for the peak")
+    p.add_argument("--profile-dir", default=None,
+                   help="trace one more step of each train case there and report its op time "
+                        "by kind (convolutions forward / input grad / weight grad, matmuls, ...)")
+    p.add_argument("--torch-python", default=None,
+                   help="a Python with torch and diffusers: run experiments/benchmark_torch.py "
+                        "on the same train cases first, side by side in this run")
     args = p.parse_args(argv)
     unknown = set(args.cases.split(",")) - set(ALL_CASES)
     if unknown:
         p.error(f"unknown cases {sorted(unknown)}; valid: {ALL_CASES}")
     if set(args.meshes.split(",")) - {"1", "all"}:
         p.error(f"--meshes takes '1' and/or 'all'; got {args.meshes!r}")
+    if args.torch_python is not None:
+        if not (os.path.isfile(args.torch_python) and os.access(args.torch_python, os.X_OK)):
+            p.error(f"--torch-python={args.torch_python!r} is not an executable file; give "
+                    "the path of a Python interpreter that has torch and diffusers")
+        if "train" not in args.cases.split(","):
+            p.error("--torch-python compares train steps; add 'train' to --cases")
+        if not set(args.train_models.split(",")) & set(TORCH_MODELS):
+            p.error(f"--torch-python covers the train models {TORCH_MODELS}; "
+                    f"--train-models is {args.train_models!r}")
     return args
 
 
@@ -602,6 +775,10 @@ def run(args) -> dict[str, Any]:
             print(f"# {json.dumps(case)}", file=sys.stderr, flush=True)
 
     meshes = sorted({1 if m == "1" else jax.device_count() for m in args.meshes.split(",")})
+    if args.torch_python:
+        # First, so that a missing torch fails the run before the long JAX cases.
+        result["torch"] = bench_torch(args)
+        print(f"# torch: {json.dumps(result['torch']['cases'])}", file=sys.stderr, flush=True)
     if "train" in cases_wanted:
         for model in args.train_models.split(","):
             batch = args.train_batch if model == "cifar" else args.small_batch
@@ -620,9 +797,42 @@ def run(args) -> dict[str, Any]:
     if "loop" in cases_wanted:
         add(bench_loop(args))
     result["cases"] = cases
+    if "torch" in result:
+        attach_torch(cases, result["torch"])
     result["peak_flops_per_s_median"] = {dt: statistics.median(v) for dt, v in peaks.items()}
     result["load_average_end"] = load_average()
     return result
+
+
+def bench_torch(args) -> dict[str, Any]:
+    """`experiments/benchmark_torch.py` under ``--torch-python`` on the train models it
+    has, with this run's batches and step counts; its JSON, or RuntimeError with its
+    output when it fails."""
+    models = [m for m in args.train_models.split(",") if m in TORCH_MODELS]
+    script = pathlib.Path(__file__).resolve().parent / "benchmark_torch.py"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "torch.json"
+        command = [args.torch_python, str(script), f"--models={','.join(models)}",
+                   f"--cifar-batch={args.train_batch}", f"--small-batch={args.small_batch}",
+                   f"--steps={args.steps}", f"--warmup={args.warmup}", f"--out={out}"]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(
+                f"the PyTorch benchmark failed (exit {proc.returncode}): {' '.join(command)}\n"
+                f"{(proc.stdout + proc.stderr)[-3000:]}")
+        result = json.loads(out.read_text())
+    result["command"] = " ".join(command[:-1])
+    return result
+
+
+def attach_torch(cases: list[dict[str, Any]], torch_result: dict[str, Any]) -> None:
+    """``vs_torch`` on each float32 JAX train case: its images/s over PyTorch's on the same
+    model and batch (None where PyTorch has no such case)."""
+    by_model = {(c["model"], c["batch"]): c["images_per_s"] for c in torch_result["cases"]}
+    for case in cases:
+        if case["case"] == "train_step" and case.get("dtype") == "float32":
+            theirs = by_model.get((case["model"], case["batch"]))
+            case["vs_torch"] = None if not theirs else case["images_per_s"] / theirs
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -654,6 +864,27 @@ def markdown_table(result: dict[str, Any]) -> str:
                  "" if rss is None else f"{rss / 1e9:.1f}",
                  str((c.get("load_average") or [""])[0])]
         rows.append("| " + " | ".join(cells) + " |")
+    torch_result = result.get("torch")
+    for c in (torch_result or {}).get("cases", []):
+        name = (f"train step, {c['model']} U-Net, {c['dtype']}, PyTorch {torch_result['torch']}"
+                f" + diffusers {torch_result['diffusers']} ({torch_result['threads']} threads)")
+        cells = [name, str(c["batch"]), "", "", f"{c['step_s']:.3f}",
+                 f"{c['images_per_s']:.2f}", "", "", "", "", ""]
+        rows.append("| " + " | ".join(cells) + " |")
+    profiled = [c for c in result["cases"] if c.get("profile")]
+    if profiled:
+        rows += ["", "Op time of one traced train step by kind (share of the summed op time; "
+                 "GFLOP/s of convolutions and matmuls):", "",
+                 "| case | devices | " + " | ".join(OP_KINDS) + " |",
+                 "|---|---|" + "---|" * len(OP_KINDS)]
+        for c in profiled:
+            kinds = c["profile"]["kinds"]
+            cells = [f"train step, {c['model']} U-Net, {c['dtype']}", str(c["devices"])]
+            for kind in OP_KINDS:
+                k = kinds.get(kind)
+                rate = f" ({k['gflop_per_s']:.0f})" if k and k.get("gflop_per_s") else ""
+                cells.append("" if k is None else f"{100 * k['share']:.1f} %{rate}")
+            rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

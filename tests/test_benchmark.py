@@ -41,7 +41,7 @@ def quick_result(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--cpu-devices=2", "--meshes=1",
          "--dtypes=float32", "--samplers=ddim", "--cases=train,sample,bpd,data",
-         f"--out={out}"],
+         f"--profile-dir={out.parent / 'trace'}", f"--out={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -84,6 +84,12 @@ def test_quick_mode_train_step_case(quick_result):
     memory = case["memory"]
     assert memory["argument_bytes"] > 4 * case["params"]  # params, EMA, Adam moments
     assert memory["host_peak_rss_bytes"] > 0
+    # The traced step's convolutions and matmuls, found op by op in the compiled program,
+    # are the jaxpr's count.
+    kinds = case["profile"]["kinds"]
+    assert sum(k["gflop"] or 0 for k in kinds.values()) * 1e9 == pytest.approx(
+        case["model_flops"], rel=1e-6)
+    assert kinds["conv weight grad"]["ops"] > 0 and _positive(case["profile"]["traced_step_s"])
 
 
 def test_quick_mode_sampling_bound_and_data_cases(quick_result):
@@ -112,9 +118,82 @@ def test_quick_mode_sampling_bound_and_data_cases(quick_result):
 
 def test_markdown_table_has_a_row_per_case(quick_result):
     table = _load_benchmark().markdown_table(quick_result).splitlines()
-    assert len(table) == 2 + len(quick_result["cases"])
-    assert all(row.startswith("| ") and row.endswith(" |") for row in table[2:])
-    assert table[2].startswith("| train step, micro U-Net, float32 | 4 | 1 |")
+    cases = table[:table.index("")]  # then the op profile of the train step
+    assert len(cases) == 2 + len(quick_result["cases"])
+    assert all(row.startswith("| ") and row.endswith(" |") for row in cases[2:])
+    assert cases[2].startswith("| train step, micro U-Net, float32 | 4 | 1 |")
+    assert table[-1].startswith("| train step, micro U-Net, float32 | 1 | ")
+
+
+# --- side by side with PyTorch (--torch-python) ---------------------------------------------
+
+# Stands in for a Python with torch: answers benchmark_torch.py's command line with cases
+# whose images/s encode the batch, and records the command it was given.
+_FAKE_TORCH_PYTHON = """#!{python}
+import json, sys
+args = dict(a.split("=", 1) for a in sys.argv[2:])
+if args["--steps"] == "99":
+    sys.exit("no module named torch")
+batches = {{"cifar": int(args["--cifar-batch"]), "small": int(args["--small-batch"])}}
+cases = [{{"case": "train_step", "model": m, "batch": batches[m], "dtype": "float32",
+          "step_s": 0.5, "images_per_s": 2.0 * batches[m]}} for m in args["--models"].split(",")]
+json.dump({{"torch": "9.9", "diffusers": "0.1", "threads": 2, "argv": sys.argv[1:],
+           "cases": cases}}, open(args["--out"], "w"))
+"""
+
+
+@pytest.fixture
+def fake_torch_python(tmp_path):
+    path = tmp_path / "python-with-torch"
+    path.write_text(_FAKE_TORCH_PYTHON.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_torch_side_by_side_runs_the_torch_script_on_the_same_cases(fake_torch_python):
+    bench = _load_benchmark()
+    args = bench.parse_args([f"--torch-python={fake_torch_python}", "--train-models=cifar,micro",
+                             "--train-batch=8", "--small-batch=4", "--steps=3", "--warmup=0"])
+    result = bench.bench_torch(args)
+    # Only the models benchmark_torch.py builds, with this run's batches and step counts.
+    assert [(c["model"], c["batch"]) for c in result["cases"]] == [("cifar", 8)]
+    assert result["argv"][0].endswith("benchmark_torch.py")
+    assert {"--models=cifar", "--cifar-batch=8", "--steps=3", "--warmup=0"} <= set(result["argv"])
+
+    cases = [{"case": "train_step", "model": "cifar", "batch": 8, "dtype": "float32",
+              "images_per_s": 4.0},
+             {"case": "train_step", "model": "cifar", "batch": 8, "dtype": "bfloat16",
+              "images_per_s": 5.0},
+             {"case": "train_step", "model": "micro", "batch": 4, "dtype": "float32",
+              "images_per_s": 9.0},
+             {"case": "sample", "images_per_s": 1.0}]
+    bench.attach_torch(cases, result)
+    assert cases[0]["vs_torch"] == pytest.approx(4.0 / 16.0)
+    assert cases[2]["vs_torch"] is None  # PyTorch has no micro case
+    assert "vs_torch" not in cases[1] and "vs_torch" not in cases[3]
+    table = bench.markdown_table({"cases": [], "torch": result}).splitlines()
+    assert table[2].startswith("| train step, cifar U-Net, float32, PyTorch 9.9 + diffusers 0.1 "
+                               "(2 threads) | 8 |  |  | 0.500 | 16.00 |")
+
+
+def test_torch_side_by_side_failure_is_reported_with_its_output(fake_torch_python):
+    bench = _load_benchmark()
+    args = bench.parse_args([f"--torch-python={fake_torch_python}", "--steps=99"])  # it fails
+    with pytest.raises(RuntimeError, match="(?s)PyTorch benchmark failed.*no module named torch"):
+        bench.bench_torch(args)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--torch-python=/nonexistent/python"], "not an executable file"),
+    (["--cases=sample"], "add 'train' to --cases"),
+    (["--train-models=micro"], "covers the train models"),
+])
+def test_torch_side_by_side_bad_arguments(argv, message, fake_torch_python, capsys):
+    if not argv[0].startswith("--torch-python"):
+        argv = argv + [f"--torch-python={fake_torch_python}"]
+    with pytest.raises(SystemExit):
+        _load_benchmark().parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 # --- the FLOP count -------------------------------------------------------------------------
@@ -226,3 +305,40 @@ def test_group_norm_and_its_gradient_equal_flax_group_norm(shape, dtype):
         rel = np.linalg.norm(g_got - g_want) / np.linalg.norm(g_want)
         is_input = jax.tree_util.keystr(path).startswith("[1]")
         assert rel < (1e-5 if dtype == jnp.float32 or not is_input else 1e-2), (path, rel)
+
+
+# --- the op profile (--profile-dir) -----------------------------------------------------------
+
+
+def test_profile_step_sorts_a_conv_nets_ops_by_kind(tmp_path):
+    bench = _load_benchmark()
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 16)) * 0.1
+    dense = jax.random.normal(jax.random.key(2), (16, 16)) * 0.1
+
+    def loss(x, kernel, dense):
+        h = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.tanh(h @ dense) ** 2)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    hlo = step.lower(x, kernel, dense).compile().as_text()
+    profile = bench.profile_step(lambda: step(x, kernel, dense), hlo, str(tmp_path))
+    kinds = profile["kinds"]
+    assert set(kinds) <= set(bench.OP_KINDS)
+    assert {"conv forward", "conv input grad", "conv weight grad", "matmul"} <= set(kinds)
+    # Each of the three convolutions does the forward pass's multiply-adds, counted exactly.
+    conv_flops = 2 * (4 * 8 * 8 * 16) * (3 * 3 * 16)
+    for kind in ("conv forward", "conv input grad", "conv weight grad"):
+        assert kinds[kind]["ops"] == 1 and kinds[kind]["gflop"] * 1e9 == pytest.approx(conv_flops)
+        assert _positive(kinds[kind]["gflop_per_s"])
+    # The matmul of the forward pass and its two gradients (a fusion may hold one of them).
+    assert kinds["matmul"]["gflop"] * 1e9 == pytest.approx(3 * 2 * (4 * 8 * 8) * 16 * 16)
+    assert sum(k["share"] for k in kinds.values()) == pytest.approx(1.0)
+    assert profile["op_ms_total"] > 0 and _positive(profile["traced_step_s"])
+
+    table = bench.markdown_table({"cases": [{
+        "case": "train_step", "model": "micro", "dtype": "float32", "batch": 4, "devices": 1,
+        "profile": profile}]}).splitlines()
+    assert table[-1].startswith("| train step, micro U-Net, float32 | 1 | ")
+    assert table[-3].startswith("| case | devices | conv forward | conv input grad |")
