@@ -68,6 +68,14 @@ over PyTorch's:
     python experiments/benchmark.py --cases=train --dtypes=float32 \
         --torch-python=/path/to/venv/bin/python --out=/tmp/side_by_side.json
 
+Where the time goes: ``--profile-dir=DIR`` traces one more step of each train case with
+JAX's profiler (a timestamped folder under ``DIR/train_<model>_<dtype>_<n>dev``, with the
+compiled program beside it as ``program.hlo.txt``; open the trace in Perfetto or
+TensorBoard) and adds ``profile`` to the case: the op time summed by kind (convolutions
+forward, input gradient and weight gradient, matmuls, reductions, data movement, the
+rest), each kind's share and, for convolutions and matmuls, GFLOP/s; the markdown gets a
+second table.
+
 Batches are global, split over the devices of the mesh (multiples of the device count).
 Set ``XLA_FLAGS`` in the environment to try XLA options; the JSON records them.
 """
@@ -228,7 +236,10 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
 OP_KINDS = ("conv forward", "conv input grad", "conv weight grad", "matmul", "reduction",
-            "copy/transpose", "elementwise/other")
+            "data movement", "elementwise/other")
+# Ops that only move data (a fusion of these and of reshapes is "data movement").
+_MOVES = {"copy", "transpose", "reverse", "concatenate", "pad", "slice", "dynamic-slice",
+          "dynamic-update-slice"}
 
 
 def _parse_hlo(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -264,8 +275,9 @@ def classify_op(name: str, instrs: dict[str, str], comps: dict[str, list[str]]):
     the instructions it calls): a convolution is a forward pass, an input gradient
     (``transpose`` in its JAX op name) or a weight gradient (its window is larger than
     its output, as when XLA writes dL/dW as a convolution of the input by dL/dy; cuDNN's
-    backward-filter call on a GPU); then matmuls, reductions, copies and transposes, and
-    the rest (elementwise fusions and small ops)."""
+    backward-filter call on a GPU); then matmuls, reductions, data movement (copies,
+    transposes, concatenation, padding, slicing) and the rest (elementwise fusions and
+    small ops)."""
     text = instrs.get(name, "")
     body, stack, seen = [text], [text], set()
     while stack:
@@ -312,9 +324,9 @@ def classify_op(name: str, instrs: dict[str, str], comps: dict[str, list[str]]):
     ops = {_opcode(line) for line in body} - {""}
     if ops & {"reduce", "reduce-window"}:
         return "reduction", None
-    if ops and ops <= {"copy", "transpose", "bitcast", "parameter", "slice", "concatenate",
-                       "pad", "reshape", "broadcast"} and ops & {"copy", "transpose"}:
-        return "copy/transpose", None
+    if ops & _MOVES and ops <= _MOVES | {"bitcast", "parameter", "reshape", "broadcast",
+                                         "constant", "fusion", "tuple", "get-tuple-element"}:
+        return "data movement", None
     return "elementwise/other", None
 
 
@@ -337,6 +349,8 @@ def profile_step(run_step: Callable[[], Any], hlo_text: str, log_dir: str) -> di
         raise RuntimeError(f"the profiler wrote no *.trace.json.gz under {log_dir}")
     import gzip
 
+    # The program beside its trace (a new timestamped folder per trace): op names resolve.
+    (traces[-1].parent / "program.hlo.txt").write_text(hlo_text)
     events = json.loads(gzip.decompress(traces[-1].read_bytes()))["traceEvents"]
     kinds = {k: {"ms": 0.0, "ops": 0, "flops": 0.0} for k in OP_KINDS}
     for event in events:

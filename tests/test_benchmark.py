@@ -336,6 +336,7 @@ def test_profile_step_sorts_a_conv_nets_ops_by_kind(tmp_path):
     assert kinds["matmul"]["gflop"] * 1e9 == pytest.approx(3 * 2 * (4 * 8 * 8) * 16 * 16)
     assert sum(k["share"] for k in kinds.values()) == pytest.approx(1.0)
     assert profile["op_ms_total"] > 0 and _positive(profile["traced_step_s"])
+    assert (pathlib.Path(profile["trace_dir"]) / "program.hlo.txt").read_text() == hlo
 
     table = bench.markdown_table({"cases": [{
         "case": "train_step", "model": "micro", "dtype": "float32", "batch": 4, "devices": 1,
