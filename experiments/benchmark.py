@@ -83,6 +83,7 @@ Set ``XLA_FLAGS`` in the environment to try XLA options; the JSON records them.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -333,9 +334,10 @@ def classify_op(name: str, instrs: dict[str, str], comps: dict[str, list[str]]):
 def profile_step(run_step: Callable[[], Any], hlo_text: str, log_dir: str) -> dict[str, Any]:
     """Traces one call of ``run_step`` (JAX's profiler, into ``log_dir``) and sums the time
     of the compiled program's ops by kind (`classify_op`): milliseconds, share of the
-    summed op time, op count, and GFLOP/s of convolutions and matmuls. Ops that run at the same time
-    (on several threads or streams) are each counted in full, so the sum can exceed the
-    step's wall time: the shares say where the work goes, not a critical path."""
+    summed op time, op count, and GFLOP/s of convolutions and matmuls. Ops that run at the
+    same time (on several threads or streams) are each counted in full, so the sum can
+    exceed the step's wall time: the shares say where the work goes, not a critical
+    path."""
     instrs, comps = _parse_hlo(hlo_text)
     module = re.search(r"^HloModule ([\w.\-]+)", hlo_text, re.M)
     module_name = module.group(1) if module else None
@@ -347,8 +349,6 @@ def profile_step(run_step: Callable[[], Any], hlo_text: str, log_dir: str) -> di
     traces = sorted(pathlib.Path(log_dir).rglob("*.trace.json.gz"), key=os.path.getmtime)
     if not traces:
         raise RuntimeError(f"the profiler wrote no *.trace.json.gz under {log_dir}")
-    import gzip
-
     # The program beside its trace (a new timestamped folder per trace): op names resolve.
     (traces[-1].parent / "program.hlo.txt").write_text(hlo_text)
     events = json.loads(gzip.decompress(traces[-1].read_bytes()))["traceEvents"]
@@ -738,6 +738,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "the path of a Python interpreter that has torch and diffusers")
         if "train" not in args.cases.split(","):
             p.error("--torch-python compares train steps; add 'train' to --cases")
+        if args.quick:
+            p.error("--quick trains the micro U-Net, which the PyTorch benchmark does not "
+                    "build; leave out --quick or --torch-python")
         if not set(args.train_models.split(",")) & set(TORCH_MODELS):
             p.error(f"--torch-python covers the train models {TORCH_MODELS}; "
                     f"--train-models is {args.train_models!r}")

@@ -187,6 +187,7 @@ def test_torch_side_by_side_failure_is_reported_with_its_output(fake_torch_pytho
     (["--torch-python=/nonexistent/python"], "not an executable file"),
     (["--cases=sample"], "add 'train' to --cases"),
     (["--train-models=micro"], "covers the train models"),
+    (["--quick"], "leave out --quick or --torch-python"),
 ])
 def test_torch_side_by_side_bad_arguments(argv, message, fake_torch_python, capsys):
     if not argv[0].startswith("--torch-python"):
