@@ -72,8 +72,8 @@ Where the time goes: ``--profile-dir=DIR`` traces one more step of each train ca
 JAX's profiler (a timestamped folder under ``DIR/train_<model>_<dtype>_<n>dev``, with the
 compiled program beside it as ``program.hlo.txt``; open the trace in Perfetto or
 TensorBoard) and adds ``profile`` to the case: the op time summed by kind (convolutions
-forward, input gradient and weight gradient, matmuls, reductions, data movement, the
-rest), each kind's share and, for convolutions and matmuls, GFLOP/s; the markdown gets a
+forward, input gradient and weight gradient, matmuls, reductions, collectives, data
+movement, the rest), each kind's share and, for convolutions and matmuls, GFLOP/s; the markdown gets a
 second table.
 
 Batches are global, split over the devices of the mesh (multiples of the device count).
@@ -234,13 +234,20 @@ def measure_peak(dtype: str, n: int, reps: int) -> dict[str, Any]:
 # --- where the time goes: one traced step, its ops grouped by kind -------------------------
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
-_CALLS = re.compile(r"calls=%([\w.\-]+)")
+# Computations an instruction runs: fusions (calls=), loops (body=, condition=), reductions
+# (to_apply=), conditionals (branch_computations={...}).
+_CALLED = re.compile(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)|"
+                     r"branch_computations=\{([^}]*)\}")
 _SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
 OP_KINDS = ("conv forward", "conv input grad", "conv weight grad", "matmul", "reduction",
-            "data movement", "elementwise/other")
+            "collective", "data movement", "elementwise/other")
 # Ops that only move data (a fusion of these and of reshapes is "data movement").
 _MOVES = {"copy", "transpose", "reverse", "concatenate", "pad", "slice", "dynamic-slice",
           "dynamic-update-slice"}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                "collective-permute", "collective-broadcast", "ragged-all-to-all")
+# Ops whose own trace event encloses the events of the ops they run: not counted.
+CONTAINERS = ("while", "call", "conditional")
 
 
 def _parse_hlo(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -271,58 +278,93 @@ def _dims(shape_text: str) -> list[int] | None:
     return None if match is None else [int(d) for d in match.group(1).split(",") if d]
 
 
+def _operand_dims(line: str, opcode: str, index: int, instrs: dict[str, str]):
+    """Dims of the ``index``-th operand of ``opcode(...)`` in ``line``: printed before the
+    operand's name in some HLO texts (``f32[2,3]{1,0} %a``), looked up otherwise."""
+    args = line.split(f"{opcode}(", 1)[1]
+    operands = re.findall(r"((?:\w+\[[\d,]*\](?:\{[^}]*\})?\s+)?)%([\w.\-]+)", args)
+    if len(operands) <= index:
+        return None
+    printed, name = operands[index]
+    return _dims(printed.strip()) if printed else _dims(instrs.get(name, ""))
+
+
+def _conv(line: str, opcode: str, instrs: dict[str, str]):
+    """(kind, FLOPs) of a convolution: 2 x output elements x window x input features per
+    group. A weight gradient is a convolution whose window is larger than its output (XLA
+    writes dL/dW as a convolution of the input by dL/dy over the whole image); an input
+    gradient has ``transpose`` in its JAX op name. (For images smaller than the kernel the
+    two gradients cannot be told apart this way.)"""
+    out = _dims(line)
+    window = re.search(r"window=\{size=([\dx]+)", line)
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line)
+    size = [int(d) for d in window.group(1).split("x")] if window else [1]
+    lhs = _operand_dims(line, opcode, 0, instrs)
+    flops, spatial = None, None
+    if out and labels:
+        out_labels = labels.group(3)
+        spatial = math.prod(out[i] for i, c in enumerate(out_labels) if c.isdigit())
+        if lhs and len(lhs) == len(labels.group(1)):
+            groups = re.search(r"(?:feature|batch)_group_count=(\d+)", line)
+            feature = lhs[labels.group(1).index("f")]
+            flops = 2.0 * math.prod(out) * math.prod(size) * feature / (
+                int(groups.group(1)) if groups else 1)
+    if spatial is not None and math.prod(size) > spatial:
+        return "conv weight grad", flops
+    return ("conv input grad" if "transpose(" in line else "conv forward"), flops
+
+
+def _dot_flops(line: str, instrs: dict[str, str]):
+    out = _dims(line)
+    lhs = _operand_dims(line, "dot", 0, instrs)
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+    if out is None or not lhs or not contracting:
+        return None
+    dims = [int(d) for d in contracting.group(1).split(",") if d]
+    return 2.0 * math.prod(out) * math.prod(lhs[d] for d in dims)
+
+
 def classify_op(name: str, instrs: dict[str, str], comps: dict[str, list[str]]):
-    """(kind, FLOPs or None) of the compiled program's op ``name`` (a fusion is judged by
-    the instructions it calls): a convolution is a forward pass, an input gradient
-    (``transpose`` in its JAX op name) or a weight gradient (its window is larger than
-    its output, as when XLA writes dL/dW as a convolution of the input by dL/dy; cuDNN's
-    backward-filter call on a GPU); then matmuls, reductions, data movement (copies,
-    transposes, concatenation, padding, slicing) and the rest (elementwise fusions and
-    small ops)."""
+    """(kind, FLOPs or None) of the compiled program's op ``name``, judged with the
+    instructions it calls (a fusion's): a convolution (`_conv`; also oneDNN's, and cuDNN's
+    forward / backward-input / backward-filter calls on a GPU), a matmul (``dot``, cuBLAS,
+    oneDNN), a reduction, a collective (all-reduce, all-gather, ...), data movement
+    (copies, transposes, concatenation, padding, slicing), or the rest (elementwise
+    fusions and small ops). Loops and calls (`CONTAINERS`) are None: their trace events
+    enclose those of the ops they run."""
     text = instrs.get(name, "")
+    if _opcode(text) in CONTAINERS:
+        return None, None
     body, stack, seen = [text], [text], set()
     while stack:
-        for comp in _CALLS.findall(stack.pop()):
-            if comp not in seen:
-                seen.add(comp)
-                inner = [instrs[i] for i in comps.get(comp, [])]
-                body += inner
-                stack += inner
+        for single, branches in _CALLED.findall(stack.pop()):
+            for comp in [single] if single else re.findall(r"%([\w.\-]+)", branches):
+                if comp not in seen:
+                    seen.add(comp)
+                    inner = [instrs[i] for i in comps.get(comp, [])]
+                    body += inner
+                    stack += inner
     for line in body:
         op = _opcode(line)
         if op == "convolution":
-            out = _dims(line)
-            window = re.search(r"window=\{size=([\dx]+)", line)
-            labels = re.search(r"dim_labels=(\w+)_", line)
-            operand = re.search(r"convolution\(%([\w.\-]+)", line)
-            lhs = _dims(instrs.get(operand.group(1), "")) if operand else None
-            size = [int(d) for d in window.group(1).split("x")] if window else [1]
-            flops = None
-            if out and lhs and labels:
-                feature = lhs[labels.group(1).index("f")]
-                flops = 2.0 * math.prod(out) * math.prod(size) * feature
-            spatial = math.prod(out[1:-1]) if out and len(out) > 2 else 0
-            if math.prod(size) > spatial:
-                return "conv weight grad", flops
-            return ("conv input grad" if "transpose(" in line else "conv forward"), flops
-        if op == "custom-call" and "cudnn$conv" in line:
-            kind = ("conv weight grad" if "BackwardFilter" in line else
-                    "conv input grad" if "BackwardInput" in line else "conv forward")
-            return kind, None
+            return _conv(line, op, instrs)
+        if op == "custom-call" and re.search(r"cudnn\$conv|onednn\$convolution", line):
+            if "BackwardFilter" in line:
+                return "conv weight grad", None
+            if "BackwardInput" in line:
+                return "conv input grad", None
+            if "cudnn$conv" in line:
+                return "conv forward", None
+            return _conv(line, op, instrs)
     for line in body:
         if _opcode(line) == "dot":
-            out = _dims(line)
-            operand = re.search(r"dot\(%([\w.\-]+)", line)
-            lhs = _dims(instrs.get(operand.group(1), "")) if operand else None
-            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
-            flops = None
-            if out is not None and lhs and contracting:
-                dims = [int(d) for d in contracting.group(1).split(",") if d]
-                flops = 2.0 * math.prod(out) * math.prod(lhs[d] for d in dims)
-            return "matmul", flops
-    if any("custom-call" in line and "gemm" in line for line in body):
-        return "matmul", None
+            return "matmul", _dot_flops(line, instrs)
+        if _opcode(line) == "custom-call" and re.search(
+                r"cublas|gemm|onednn\$matmul", line):
+            return "matmul", None
     ops = {_opcode(line) for line in body} - {""}
+    if any(op.startswith(_COLLECTIVES) for op in ops):
+        return "collective", None
     if ops & {"reduce", "reduce-window"}:
         return "reduction", None
     if ops & _MOVES and ops <= _MOVES | {"bitcast", "parameter", "reshape", "broadcast",
@@ -332,15 +374,9 @@ def classify_op(name: str, instrs: dict[str, str], comps: dict[str, list[str]]):
 
 
 def profile_step(run_step: Callable[[], Any], hlo_text: str, log_dir: str) -> dict[str, Any]:
-    """Traces one call of ``run_step`` (JAX's profiler, into ``log_dir``) and sums the time
-    of the compiled program's ops by kind (`classify_op`): milliseconds, share of the
-    summed op time, op count, and GFLOP/s of convolutions and matmuls. Ops that run at the
-    same time (on several threads or streams) are each counted in full, so the sum can
-    exceed the step's wall time: the shares say where the work goes, not a critical
-    path."""
-    instrs, comps = _parse_hlo(hlo_text)
-    module = re.search(r"^HloModule ([\w.\-]+)", hlo_text, re.M)
-    module_name = module.group(1) if module else None
+    """Traces one call of ``run_step`` (JAX's profiler, into ``log_dir``), writes the
+    program beside the trace and returns `op_time_by_kind` of it, with the traced call's
+    wall time."""
     jax.block_until_ready(run_step())  # nothing pending when the trace starts
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         start = time.perf_counter()
@@ -349,9 +385,25 @@ def profile_step(run_step: Callable[[], Any], hlo_text: str, log_dir: str) -> di
     traces = sorted(pathlib.Path(log_dir).rglob("*.trace.json.gz"), key=os.path.getmtime)
     if not traces:
         raise RuntimeError(f"the profiler wrote no *.trace.json.gz under {log_dir}")
-    # The program beside its trace (a new timestamped folder per trace): op names resolve.
+    # The program beside its trace (a new timestamped folder per trace): op names resolve,
+    # and `op_time_by_kind` can be run on the pair later.
     (traces[-1].parent / "program.hlo.txt").write_text(hlo_text)
-    events = json.loads(gzip.decompress(traces[-1].read_bytes()))["traceEvents"]
+    return {"traced_step_s": wall, "trace_dir": str(traces[-1].parent),
+            **op_time_by_kind(traces[-1], hlo_text)}
+
+
+def op_time_by_kind(trace_file: str | os.PathLike, hlo_text: str) -> dict[str, Any]:
+    """The time of a compiled program's ops in a profiler trace (``*.trace.json.gz``),
+    summed by kind (`classify_op`): milliseconds, share of the summed op time, op count,
+    GFLOP and GFLOP/s of convolutions and matmuls. Ops that run at the same time (on
+    several threads or streams, or on several devices) are each counted in full, so the
+    sum can exceed the step's wall time: the shares say where the work goes, not a
+    critical path. On a mesh of several devices every device's ops are counted (replicated
+    work once per device)."""
+    instrs, comps = _parse_hlo(hlo_text)
+    module = re.search(r"^HloModule ([\w.\-]+)", hlo_text, re.M)
+    module_name = module.group(1) if module else None
+    events = json.loads(gzip.decompress(pathlib.Path(trace_file).read_bytes()))["traceEvents"]
     kinds = {k: {"ms": 0.0, "ops": 0, "flops": 0.0} for k in OP_KINDS}
     for event in events:
         args = event.get("args") or {}
@@ -361,14 +413,16 @@ def profile_step(run_step: Callable[[], Any], hlo_text: str, log_dir: str) -> di
         if module_name and args.get("hlo_module") not in (None, module_name):
             continue
         kind, flops = classify_op(name, instrs, comps)
+        if kind is None:
+            continue
         kinds[kind]["ms"] += event.get("dur", 0.0) / 1e3
         kinds[kind]["ops"] += 1
         kinds[kind]["flops"] += flops or 0.0
     total = sum(k["ms"] for k in kinds.values())
     if total == 0:
-        raise RuntimeError(f"no op of the program {module_name} in the trace under {log_dir}")
+        raise RuntimeError(f"no op of the program {module_name} in the trace {trace_file}")
     return {
-        "traced_step_s": wall, "op_ms_total": total, "trace_dir": str(traces[-1].parent),
+        "op_ms_total": total,
         "kinds": {name: {"ms": k["ms"], "share": k["ms"] / total, "ops": k["ops"],
                          "gflop": k["flops"] / 1e9 if k["flops"] else None,
                          "gflop_per_s": (k["flops"] / k["ms"] / 1e6) if k["flops"] else None}
@@ -524,8 +578,11 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
     }
     if args.profile_dir:
         label = f"train_{model}_{dtype}_{mesh.size}dev"
-        case["profile"] = profile_step(one_step, compiled.as_text(),
-                                       os.path.join(args.profile_dir, label))
+        try:
+            case["profile"] = profile_step(one_step, compiled.as_text(),
+                                           os.path.join(args.profile_dir, label))
+        except RuntimeError as error:  # a backend whose trace lacks op names: keep the run
+            case["profile"] = {"error": str(error)}
     peaks.setdefault(dtype, []).append(peak["flops_per_s"])
     _rates(case, images=batch, flops=flops, extra=ddpm_extra_flops(model, batch, 3),
            peak=peak["flops_per_s"])
@@ -793,6 +850,10 @@ def run(args) -> dict[str, Any]:
 
     meshes = sorted({1 if m == "1" else jax.device_count() for m in args.meshes.split(",")})
     if args.torch_python:
+        if jax.devices()[0].platform != "cpu":
+            raise SystemExit("--torch-python compares with PyTorch on the CPU "
+                             "(experiments/benchmark_torch.py runs there); JAX runs on "
+                             f"{jax.devices()[0].platform} here: run both on a CPU")
         # First, so that a missing torch fails the run before the long JAX cases.
         result["torch"] = bench_torch(args)
         print(f"# torch: {json.dumps(result['torch']['cases'])}", file=sys.stderr, flush=True)
@@ -888,7 +949,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells = [name, str(c["batch"]), "", "", f"{c['step_s']:.3f}",
                  f"{c['images_per_s']:.2f}", "", "", "", "", ""]
         rows.append("| " + " | ".join(cells) + " |")
-    profiled = [c for c in result["cases"] if c.get("profile")]
+    profiled = [c for c in result["cases"] if c.get("profile", {}).get("kinds")]
     if profiled:
         rows += ["", "Op time of one traced train step by kind (share of the summed op time; "
                  "GFLOP/s of convolutions and matmuls):", "",

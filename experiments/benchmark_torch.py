@@ -89,7 +89,7 @@ def bench(model_name: str, batch: int, steps: int, warmup: int) -> dict:
     }
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="cifar,small")
     p.add_argument("--cifar-batch", type=int, default=32)
@@ -97,15 +97,20 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="benchmark_torch.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    unknown = sorted(set(m for m in args.models.split(",") if m) - set(MODELS))
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; valid: {sorted(MODELS)}")
+    return args
+
+
+def main():
+    args = parse_args()
 
     import diffusers
     import torch
 
     models = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        p.error(f"unknown model(s) {unknown}; valid: {sorted(MODELS)}")
     result = {
         "torch": torch.__version__, "diffusers": diffusers.__version__,
         "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),

@@ -159,6 +159,13 @@ def test_torch_side_by_side_runs_the_torch_script_on_the_same_cases(fake_torch_p
     assert [(c["model"], c["batch"]) for c in result["cases"]] == [("cifar", 8)]
     assert result["argv"][0].endswith("benchmark_torch.py")
     assert {"--models=cifar", "--cifar-batch=8", "--steps=3", "--warmup=0"} <= set(result["argv"])
+    # The command line is one the real script's parser takes, with these values.
+    spec = importlib.util.spec_from_file_location("benchmark_torch", result["argv"][0])
+    torch_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_script)
+    parsed = torch_script.parse_args(result["argv"][1:])
+    assert (parsed.models, parsed.cifar_batch, parsed.small_batch, parsed.steps,
+            parsed.warmup) == ("cifar", 8, 4, 3, 0)
 
     cases = [{"case": "train_step", "model": "cifar", "batch": 8, "dtype": "float32",
               "images_per_s": 4.0},
@@ -344,3 +351,106 @@ def test_profile_step_sorts_a_conv_nets_ops_by_kind(tmp_path):
         "profile": profile}]}).splitlines()
     assert table[-1].startswith("| train step, micro U-Net, float32 | 1 | ")
     assert table[-3].startswith("| case | devices | conv forward | conv input grad |")
+
+
+_HLO = """HloModule m, entry_computation_layout={()->f32[]}
+
+%fused_conv (param_0: f32[4,8,8,16], param_1: f32[3,3,16,16]) -> f32[4,8,8,16] {
+  %param_0 = f32[4,8,8,16]{3,2,1,0} parameter(0)
+  %param_1 = f32[3,3,16,16]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = f32[4,8,8,16]{3,2,1,0} convolution(%param_0, %param_1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(f)/conv_general_dilated"}
+}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {
+  %p = (s32[], f32[64,64]{1,0}) parameter(0)
+  %m = f32[64,64]{1,0} get-tuple-element(%p), index=1
+  %inner = f32[64,64]{1,0} dot(%m, %m), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[64,64]{1,0}) tuple(%i, %inner)
+}
+
+%cond (c: (s32[], f32[64,64])) -> pred[] {
+  %c = (s32[], f32[64,64]{1,0}) parameter(0)
+  ROOT %true = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[4,8,8,16], w: f32[3,3,16,16], a: f32[64,64]) -> f32[] {
+  %x = f32[4,8,8,16]{3,2,1,0} parameter(0)
+  %w = f32[3,3,16,16]{3,2,1,0} parameter(1)
+  %a = f32[64,64]{1,0} parameter(2)
+  %conv_fusion = f32[4,8,8,16]{3,2,1,0} fusion(%x, %w), kind=kCustom, calls=%fused_conv
+  %dgrad = f32[4,8,8,16]{3,2,1,0} convolution(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(f)/transpose(jvp(f))/conv_general_dilated"}
+  %wgrad = f32[16,3,3,16]{3,2,1,0} convolution(f32[16,8,8,4]{3,2,1,0} %xt, f32[8,8,4,16]{3,2,1,0} %dyt), window={size=8x8 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(f)/transpose(jvp(f))/conv_general_dilated"}
+  %nchw = f32[16,8,8,4]{3,2,1,0} convolution(f32[8,8,16,4]{3,2,1,0} %y, f32[16,3,3,16]{3,2,1,0} %k), window={size=3x3 pad=1_1x1_1}, dim_labels=01fb_o01i->f01b
+  %dot.1 = f32[64,32]{1,0} dot(f32[64,128]{1,0} %a, f32[128,32]{1,0} %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ar = f32[64,64]{1,0} all-reduce(%a), replica_groups={}, to_apply=%add
+  %lt = (f32[64,64]{1,0}, s8[1024]{0}) custom-call(%a, %a), custom_call_target="__cublas$lt$matmul"
+  %dnn = f32[4,8,8,16]{3,2,1,0} custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__onednn$convolution"
+  %filter = (f32[3,3,16,16]{3,2,1,0}, u8[0]{0}) custom-call(%x, %x), custom_call_target="__cudnn$convBackwardFilter"
+  %init = (s32[], f32[64,64]{1,0}) tuple(%i0, %a)
+  %loop = (s32[], f32[64,64]{1,0}) while(%init), condition=%cond, body=%body
+  %tr = f32[64,64]{0,1} transpose(%a), dimensions={1,0}
+  %ex = f32[64,64]{1,0} exponential(%a)
+  ROOT %r = f32[] reduce(%ex, %zero), dimensions={0,1}, to_apply=%add
+}
+"""
+
+
+def test_classify_op_on_hand_written_hlo():
+    bench = _load_benchmark()
+    instrs, comps = bench._parse_hlo(_HLO)
+    conv = 2.0 * (4 * 8 * 8 * 16) * 9 * 16
+    expected = {
+        "conv_fusion": ("conv forward", conv),  # judged by the computation it calls
+        "dgrad": ("conv input grad", conv),
+        "wgrad": ("conv weight grad", 2.0 * (16 * 3 * 3 * 16) * 64 * 4),  # = conv
+        "nchw": ("conv forward", 2.0 * (16 * 8 * 8 * 4) * 9 * 16),  # labels, not positions
+        "dot.1": ("matmul", 2.0 * 64 * 32 * 128),  # operand shapes printed inline
+        "ar": ("collective", None),
+        "lt": ("matmul", None),
+        "dnn": ("conv forward", conv),
+        "filter": ("conv weight grad", None),
+        "loop": (None, None),  # its inner dot has its own event
+        "inner": ("matmul", 2.0 * 64 * 64 * 64),
+        "tr": ("data movement", None),
+        "ex": ("elementwise/other", None),
+        "r": ("reduction", None),
+    }
+    assert expected["wgrad"][1] == conv
+    for name, (kind, flops) in expected.items():
+        got = bench.classify_op(name, instrs, comps)
+        assert got[0] == kind, name
+        assert (got[1] is None) == (flops is None) and (flops is None or got[1] == flops), name
+
+
+def test_profile_of_a_data_parallel_step_counts_every_device_and_the_all_reduce(tmp_path):
+    """Two devices, each with half the batch: the convolutions' FLOPs summed over both are
+    the global batch's, and the gradient's all-reduce is a collective."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    bench = _load_benchmark()
+    mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (4, 8, 8, 16)),
+                       NamedSharding(mesh, PartitionSpec("data")))
+    kernel = jax.device_put(jax.random.normal(jax.random.key(1), (3, 3, 16, 16)) * 0.1,
+                            NamedSharding(mesh, PartitionSpec()))
+
+    def loss(kernel, x):
+        h = jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.tanh(h) ** 2)
+
+    step = jax.jit(jax.grad(loss), out_shardings=NamedSharding(mesh, PartitionSpec()))
+    hlo = step.lower(kernel, x).compile().as_text()
+    kinds = bench.profile_step(lambda: step(kernel, x), hlo, str(tmp_path))["kinds"]
+    conv_flops = 2 * (4 * 8 * 8 * 16) * (3 * 3 * 16)
+    assert kinds["conv forward"]["ops"] == 2  # one per device
+    assert kinds["conv forward"]["gflop"] * 1e9 == pytest.approx(conv_flops)
+    assert kinds["conv weight grad"]["gflop"] * 1e9 == pytest.approx(conv_flops)
+    assert kinds["collective"]["ops"] >= 2
