@@ -73,8 +73,8 @@ JAX's profiler (a timestamped folder under ``DIR/train_<model>_<dtype>_<n>dev``,
 compiled program beside it as ``program.hlo.txt``; open the trace in Perfetto or
 TensorBoard) and adds ``profile`` to the case: the op time summed by kind (convolutions
 forward, input gradient and weight gradient, matmuls, reductions, collectives, data
-movement, the rest), each kind's share and, for convolutions and matmuls, GFLOP/s; the markdown gets a
-second table.
+movement, the rest), each kind's share and, for convolutions and matmuls, GFLOP/s; the
+markdown gets a second table. ``op_time_by_kind(trace, program)`` sums a saved trace again.
 
 Batches are global, split over the devices of the mesh (multiples of the device count).
 Set ``XLA_FLAGS`` in the environment to try XLA options; the JSON records them.
