@@ -55,6 +55,9 @@ def test_one_step_on_8_devices_equals_one_device():
 @pytest.mark.parametrize("make_config", [toy_config, tiny_cifar_config], ids=["toy", "cifar_tiny"])
 def test_run_split_3_plus_3_equals_6_steps(make_config, tmp_path):
     config = make_config()
+    if config.data.name == "cifar10":
+        # Resume does not depend on the U-Net's depth; compile time does.
+        config.model.ch_mult = (1,)
     whole = train.train_and_evaluate(config, tmp_path / "whole")
     config.train.num_steps = 3
     first = train.train_and_evaluate(config, tmp_path / "split")
