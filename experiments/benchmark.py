@@ -344,8 +344,8 @@ def classify_op(name: str, instrs: dict[str, str], comps: dict[str, list[str]]):
                     inner = [instrs[i] for i in comps.get(comp, [])]
                     body += inner
                     stack += inner
-    for line in body:
-        op = _opcode(line)
+    coded = [(_opcode(line), line) for line in body]
+    for op, line in coded:
         if op == "convolution":
             return _conv(line, op, instrs)
         if op == "custom-call" and re.search(r"cudnn\$conv|onednn\$convolution", line):
@@ -356,13 +356,12 @@ def classify_op(name: str, instrs: dict[str, str], comps: dict[str, list[str]]):
             if "cudnn$conv" in line:
                 return "conv forward", None
             return _conv(line, op, instrs)
-    for line in body:
-        if _opcode(line) == "dot":
+    for op, line in coded:
+        if op == "dot":
             return "matmul", _dot_flops(line, instrs)
-        if _opcode(line) == "custom-call" and re.search(
-                r"cublas|gemm|onednn\$matmul", line):
+        if op == "custom-call" and re.search(r"cublas|gemm|onednn\$matmul", line):
             return "matmul", None
-    ops = {_opcode(line) for line in body} - {""}
+    ops = {op for op, _ in coded} - {""}
     if any(op.startswith(_COLLECTIVES) for op in ops):
         return "collective", None
     if ops & {"reduce", "reduce-window"}:
@@ -405,6 +404,7 @@ def op_time_by_kind(trace_file: str | os.PathLike, hlo_text: str) -> dict[str, A
     module_name = module.group(1) if module else None
     events = json.loads(gzip.decompress(pathlib.Path(trace_file).read_bytes()))["traceEvents"]
     kinds = {k: {"ms": 0.0, "ops": 0, "flops": 0.0} for k in OP_KINDS}
+    classified: dict[str, tuple] = {}  # an op runs once per device and per loop trip
     for event in events:
         args = event.get("args") or {}
         name = args.get("hlo_op")
@@ -412,7 +412,9 @@ def op_time_by_kind(trace_file: str | os.PathLike, hlo_text: str) -> dict[str, A
             continue
         if module_name and args.get("hlo_module") not in (None, module_name):
             continue
-        kind, flops = classify_op(name, instrs, comps)
+        if name not in classified:
+            classified[name] = classify_op(name, instrs, comps)
+        kind, flops = classified[name]
         if kind is None:
             continue
         kinds[kind]["ms"] += event.get("dur", 0.0) / 1e3

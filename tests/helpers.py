@@ -32,6 +32,18 @@ def tiny_cifar_config():
     return config
 
 
+# launch.py flags giving tiny_cifar_config's U-Net one level and no attention, for tests
+# whose subject (data parallelism, resume, a run's files) does not depend on the U-Net's
+# depth: compile time does.
+ONE_LEVEL_FLAGS = ("--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()")
+
+
+def one_level_cifar_config():
+    config = tiny_cifar_config()
+    config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+    return config
+
+
 def launch_env(devices=8, **extra):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"

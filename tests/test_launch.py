@@ -13,7 +13,7 @@ import pytest
 
 from diffusion_jax.training import evaluate
 
-from helpers import ROOT, TOY, launch, restore_tree, tiny_cifar_config
+from helpers import ONE_LEVEL_FLAGS, ROOT, TOY, launch, one_level_cifar_config, restore_tree
 
 
 def restore_params(workdir, step):
@@ -22,10 +22,8 @@ def restore_params(workdir, step):
 
 def test_tiny_cifar_on_mocked_data_trains_writes_and_resumes(tmp_path):
     workdir = tmp_path / "run"
-    # A one-level U-Net: the run's files and modes do not depend on its depth, compile
-    # time does.
     args = [f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
-            "--config.model.ch_mult=(1,)", f"--workdir={workdir}"]
+            *ONE_LEVEL_FLAGS, f"--workdir={workdir}"]
     launch(*args, "--config.train.num_steps=3")
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
     assert (workdir / "samples" / "ema_samples_00000003.png").exists()
@@ -47,8 +45,7 @@ def test_tiny_cifar_on_mocked_data_trains_writes_and_resumes(tmp_path):
                     "--config.sample.num_samples=12"]
     launch(*args, "--mode=sample", *sample_flags)
     # A second draw (here in-process, to save a start-up) goes to a new file.
-    config = tiny_cifar_config()
-    config.model.ch_mult = (1,)
+    config = one_level_cifar_config()
     config.sample.sampler, config.sample.num_steps, config.sample.num_samples = "ddim", 10, 12
     evaluate.sample_from_checkpoint(config, workdir)
     first = np.load(workdir / "samples" / "ddim_10_step6.npz")

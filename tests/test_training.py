@@ -10,7 +10,7 @@ from diffusion_jax.training import checkpoint, mesh as mesh_lib, objectives, set
 from diffusion_jax.training import state as state_lib
 from diffusion_jax.training.state import TrainState, make_optimizer
 
-from helpers import tiny_cifar_config, toy_config
+from helpers import one_level_cifar_config, tiny_cifar_config, toy_config
 
 
 def _params(state):
@@ -24,10 +24,7 @@ def test_one_step_on_8_devices_equals_one_device():
     ~1e-6 relative; parameters after one Adam step to 1e-6 absolute.
     """
     assert jax.device_count() == 8
-    config = tiny_cifar_config()
-    # A one-level U-Net: data parallelism does not depend on depth, compile time does.
-    config.model.ch_mult = (1,)
-    config.model.attn_resolutions = ()
+    config = one_level_cifar_config()
     objective = objectives.create_objective(config, data.dataset_info(config.data))
     optimizer = make_optimizer(config.optim)
     params = jax.jit(objective.init)(jax.random.key(0))
@@ -52,12 +49,10 @@ def test_one_step_on_8_devices_equals_one_device():
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("make_config", [toy_config, tiny_cifar_config], ids=["toy", "cifar_tiny"])
+@pytest.mark.parametrize("make_config", [toy_config, one_level_cifar_config],
+                         ids=["toy", "cifar_tiny"])
 def test_run_split_3_plus_3_equals_6_steps(make_config, tmp_path):
     config = make_config()
-    if config.data.name == "cifar10":
-        # Resume does not depend on the U-Net's depth; compile time does.
-        config.model.ch_mult = (1,)
     whole = train.train_and_evaluate(config, tmp_path / "whole")
     config.train.num_steps = 3
     first = train.train_and_evaluate(config, tmp_path / "split")
