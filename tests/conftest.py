@@ -25,6 +25,17 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core, at most MAX_WORKERS. Compiling
+    is mostly single-threaded and most tests are compile-bound, so two workers on two cores
+    take about 60 % of one's time; each worker holds its own JAX runtime (about 1-2 GB)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_WORKERS, cores or 1))
+
+
 @pytest.fixture
 def key():
     return jax.random.key(0)
