@@ -33,6 +33,12 @@ Cases (``--cases``, comma-separated):
   residual block, attention at 8x8, 4.4M) in each of ``--dtypes`` (``bfloat16``: bfloat16
   compute, float32 parameters and optimizer state), on a mesh of one device and/or of all
   devices (``--meshes``);
+- ``conv``: a bare 3x3 convolution (stride 1, SAME padding, NHWC, float32) at each
+  level of ``--conv-model``'s U-Net (the CIFAR one: 32x32 with 128 channels in and out,
+  then 16x16, 8x8 and 4x4 with 256), batch ``--conv-batch``, on one device: its forward
+  pass, its input gradient and its weight gradient, each jitted alone, with GFLOP/s
+  (2 x B x H x W x 9 x C_in x C_out each) and the fraction of the matmul peak; the kernels
+  a train step spends most of its time in, without the network around them;
 - ``sample``: ancestral, DDIM and DPM-Solver++ with ``--sample-steps`` network
   evaluations each, one compiled loop per sampler; images/s and network evaluations x
   images per second;
@@ -61,9 +67,11 @@ Side by side with PyTorch in the same run: ``--torch-python=PATH`` names a Pytho
 interpreter that has ``torch`` and ``diffusers`` (they are not dependencies of this
 project; any environment will do). Before the JAX train cases, it runs
 `experiments/benchmark_torch.py` with that interpreter on the same models (``cifar``,
-``small``), batches and step counts; its cases go under ``torch`` in the JSON (and as rows
-of the markdown table), and each float32 JAX train case gets ``vs_torch``, its images/s
-over PyTorch's:
+``small``), batches and step counts, and on the same bare convolutions (``conv``; NCHW,
+the layout of the PyTorch network); its cases go under ``torch`` in the JSON (and as rows
+of the markdown tables), each float32 JAX train case gets ``vs_torch``, its images/s
+over PyTorch's, and each ``conv`` case ``vs_torch`` per kernel, its GFLOP/s over
+PyTorch's:
 
     python experiments/benchmark.py --cases=train --dtypes=float32 \
         --torch-python=/path/to/venv/bin/python --out=/tmp/side_by_side.json
@@ -120,7 +128,8 @@ MODELS = {
     "micro": (32, (1,), 1, ()),  # --quick: one level (no resampling), compiles in seconds
 }
 SAMPLERS = sampling.SAMPLERS
-ALL_CASES = ("train", "sample", "bpd", "data", "loop")
+ALL_CASES = ("train", "conv", "sample", "bpd", "data", "loop")
+CONV_KINDS = ("forward", "input_grad", "weight_grad")
 TORCH_MODELS = ("cifar", "small")  # the configurations experiments/benchmark_torch.py builds
 
 
@@ -591,6 +600,71 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
     return case
 
 
+def conv_shapes(model: str) -> list[tuple[int, int, int]]:
+    """(side, in_ch, out_ch) of a 3x3 convolution at each level of the named U-Net: the
+    image side halves per level and the channels are ch x ch_mult[level] in and out (the
+    residual blocks' second convolution; most of the network's convolution FLOPs)."""
+    ch, ch_mult, _, _ = MODELS[model]
+    size = CIFAR_INFO.shape[0]
+    return [(size // 2**level, ch * m, ch * m) for level, m in enumerate(ch_mult)]
+
+
+def conv_flops(batch: int, side: int, in_ch: int, out_ch: int) -> float:
+    """2 x the multiply-adds of a 3x3 stride-1 SAME convolution (each of its three
+    kernels: forward, input gradient, weight gradient, does this many)."""
+    return 2.0 * batch * side * side * 9 * in_ch * out_ch
+
+
+def conv3x3(x, w):
+    """The bare convolution of the conv case: 3x3, stride 1, SAME padding, NHWC / HWIO."""
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_kernels() -> dict[str, Callable]:
+    """``kind -> jitted f(x, w, dy)``: the bare convolution's forward pass, and its input
+    and weight gradients as the transposes of the convolution in one argument (what
+    differentiation runs in a train step; no forward pass inside them)."""
+    return {
+        "forward": jax.jit(lambda x, w, dy: conv3x3(x, w)),
+        "input_grad": jax.jit(lambda x, w, dy: jax.linear_transpose(
+            lambda x_: conv3x3(x_, w), x)(dy)[0]),
+        "weight_grad": jax.jit(lambda x, w, dy: jax.linear_transpose(
+            lambda w_: conv3x3(x, w_), w)(dy)[0]),
+    }
+
+
+def bench_conv(args, peaks: dict) -> list[dict[str, Any]]:
+    """`conv_kernels` at each shape of `conv_shapes`, on one device (on a CPU all cores
+    are its threads)."""
+    device = jax.devices()[0]
+    batch = args.conv_batch
+    kernels = conv_kernels()
+    peak = _peak(peaks, "float32")
+    cases = []
+    for side, in_ch, out_ch in conv_shapes(args.conv_model):
+        keys = jax.random.split(jax.random.key(4), 3)
+        x = jax.device_put(jax.random.normal(keys[0], (batch, side, side, in_ch)), device)
+        w = jax.device_put(jax.random.normal(keys[1], (3, 3, in_ch, out_ch)) * 0.05, device)
+        dy = jax.device_put(jax.random.normal(keys[2], (batch, side, side, out_ch)), device)
+        flops = conv_flops(batch, side, in_ch, out_ch)
+        case = {"case": "conv", "model": args.conv_model, "dtype": "float32", "batch": batch,
+                "side": side, "in_ch": in_ch, "out_ch": out_ch, "devices": 1,
+                "flops": flops}
+        for kind, fn in kernels.items():
+            compiled = fn.lower(x, w, dy).compile()
+            times, _ = time_calls(lambda c=compiled: c(x, w, dy), steps=args.conv_steps,
+                                  warmup=1)
+            seconds = statistics.median(times)
+            case[f"{kind}_s"] = seconds
+            case[f"{kind}_flops_per_s"] = flops / seconds
+            if peak:
+                case[f"{kind}_fraction_of_peak"] = flops / seconds / peak
+        case["load_average"] = load_average()
+        cases.append(case)
+    return cases
+
+
 def _eval_model(args, num_timesteps: int):
     config = make_config(args.eval_model, args.eval_dtype, num_timesteps=num_timesteps)
     model = create_model(config, CIFAR_INFO)
@@ -764,6 +838,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--small-batch", type=int, default=16, help="batch of the small model")
     p.add_argument("--steps", type=int, default=5, help="timed train steps per case")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    p.add_argument("--conv-model", default="cifar",
+                   help="U-Net whose levels give the conv case's shapes")
+    p.add_argument("--conv-batch", type=int, default=32, help="batch of the conv case")
+    p.add_argument("--conv-steps", type=int, default=9, help="timed calls per conv kernel")
     p.add_argument("--eval-model", default="small", help="network for sample and bpd")
     p.add_argument("--eval-dtype", default="float32")
     p.add_argument("--eval-steps", type=int, default=2, help="timed calls per sampler")
@@ -795,12 +873,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not (os.path.isfile(args.torch_python) and os.access(args.torch_python, os.X_OK)):
             p.error(f"--torch-python={args.torch_python!r} is not an executable file; give "
                     "the path of a Python interpreter that has torch and diffusers")
-        if "train" not in args.cases.split(","):
-            p.error("--torch-python compares train steps; add 'train' to --cases")
+        if not {"train", "conv"} & set(args.cases.split(",")):
+            p.error("--torch-python compares train steps and convolutions; add 'train' "
+                    "or 'conv' to --cases")
         if args.quick:
             p.error("--quick trains the micro U-Net, which the PyTorch benchmark does not "
                     "build; leave out --quick or --torch-python")
-        if not set(args.train_models.split(",")) & set(TORCH_MODELS):
+        if "train" in args.cases.split(",") and not (
+                set(args.train_models.split(",")) & set(TORCH_MODELS)):
             p.error(f"--torch-python covers the train models {TORCH_MODELS}; "
                     f"--train-models is {args.train_models!r}")
     return args
@@ -821,7 +901,8 @@ def set_cpu_devices(setting: str) -> None:
 def apply_quick(args) -> None:
     """--quick: a micro U-Net and batches of one or two per device (after device setup)."""
     devices = jax.device_count()
-    args.train_models, args.bf16_models = "micro", "micro"
+    args.train_models, args.bf16_models, args.conv_model = "micro", "micro", "micro"
+    args.conv_batch, args.conv_steps = 2, 2
     args.train_batch = args.small_batch = args.loop_batch = 2 * devices
     args.steps, args.eval_steps, args.eval_model, args.loop_model = 2, 1, "micro", "micro"
     args.sample_batch = args.bpd_batch = devices
@@ -868,6 +949,8 @@ def run(args) -> dict[str, Any]:
                     continue
                 for devices in meshes:
                     add(bench_train(model, dtype, batch, devices, args, peaks))
+    if "conv" in cases_wanted:
+        add(bench_conv(args, peaks))
     if "sample" in cases_wanted:
         add(bench_sampling(args, peaks))
     if "bpd" in cases_wanted:
@@ -886,15 +969,21 @@ def run(args) -> dict[str, Any]:
 
 def bench_torch(args) -> dict[str, Any]:
     """`experiments/benchmark_torch.py` under ``--torch-python`` on the train models it
-    has, with this run's batches and step counts; its JSON, or RuntimeError with its
-    output when it fails."""
-    models = [m for m in args.train_models.split(",") if m in TORCH_MODELS]
+    has, with this run's batches and step counts, and on the conv case's shapes; its
+    JSON, or RuntimeError with its output when it fails."""
+    cases = args.cases.split(",")
+    models = ([m for m in args.train_models.split(",") if m in TORCH_MODELS]
+              if "train" in cases else [])
     script = pathlib.Path(__file__).resolve().parent / "benchmark_torch.py"
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "torch.json"
         command = [args.torch_python, str(script), f"--models={','.join(models)}",
                    f"--cifar-batch={args.train_batch}", f"--small-batch={args.small_batch}",
                    f"--steps={args.steps}", f"--warmup={args.warmup}", f"--out={out}"]
+        if "conv" in cases:
+            shapes = ",".join(f"{s}x{i}x{o}" for s, i, o in conv_shapes(args.conv_model))
+            command += [f"--conv-shapes={shapes}", f"--conv-batch={args.conv_batch}",
+                        f"--conv-steps={args.conv_steps}"]
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(
@@ -907,20 +996,36 @@ def bench_torch(args) -> dict[str, Any]:
 
 def attach_torch(cases: list[dict[str, Any]], torch_result: dict[str, Any]) -> None:
     """``vs_torch`` on each float32 JAX train case: its images/s over PyTorch's on the same
-    model and batch (None where PyTorch has no such case)."""
+    model and batch (None where PyTorch has no such case); on each conv case, per kernel,
+    its FLOP/s over PyTorch's on the same shape and batch."""
     by_model = {(c["model"], c["batch"]): c["images_per_s"] for c in torch_result["cases"]}
+    by_shape = {_conv_key(c): c for c in torch_result.get("conv_cases", [])}
     for case in cases:
+        if case["case"] == "conv":
+            theirs = by_shape.get(_conv_key(case))
+            case["vs_torch"] = None if not theirs else {
+                kind: case[f"{kind}_flops_per_s"] / theirs[f"{kind}_flops_per_s"]
+                for kind in CONV_KINDS}
         if case["case"] == "train_step" and case.get("dtype") == "float32":
             theirs = by_model.get((case["model"], case["batch"]))
             case["vs_torch"] = None if not theirs else case["images_per_s"] / theirs
 
 
+def _conv_key(case: dict[str, Any]) -> tuple[int, int, int, int]:
+    return case["batch"], case["side"], case["in_ch"], case["out_ch"]
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    """The cases of a result as a markdown table (the README's Performance section)."""
-    rows = ["| case | batch | devices | compile s | s / call | images/s | GFLOP / call "
+    """The cases of a result as markdown tables (the README's Performance section): the
+    cases, then the bare convolutions (JAX and PyTorch side by side where the run has
+    both), then the op profile of the train steps."""
+    header = ["| case | batch | devices | compile s | s / call | images/s | GFLOP / call "
             "(DDPM count) | GFLOP/s | of peak (DDPM count) | host RSS GB | load |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for c in result["cases"]:
+        if c["case"] == "conv":
+            continue
         name = {"train_step": f"train step, {c.get('model')} U-Net, {c.get('dtype')}",
                 "sample": f"sample, {c.get('sampler')}, {c.get('network_evals')} evaluations",
                 "bpd": f"bound, T = {c.get('num_timesteps')}",
@@ -951,6 +1056,9 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells = [name, str(c["batch"]), "", "", f"{c['step_s']:.3f}",
                  f"{c['images_per_s']:.2f}", "", "", "", "", ""]
         rows.append("| " + " | ".join(cells) + " |")
+    rows = (header + rows if rows else []) + _conv_table(result)
+    if rows and not rows[0]:
+        rows = rows[1:]  # the conv table first: no blank line above it
     profiled = [c for c in result["cases"] if c.get("profile", {}).get("kinds")]
     if profiled:
         rows += ["", "Op time of one traced train step by kind (share of the summed op time; "
@@ -966,6 +1074,31 @@ def markdown_table(result: dict[str, Any]) -> str:
                 cells.append("" if k is None else f"{100 * k['share']:.1f} %{rate}")
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _conv_table(result: dict[str, Any]) -> list[str]:
+    convs = [c for c in result["cases"] if c["case"] == "conv"]
+    if not convs:
+        return []
+    torch_result = result.get("torch") or {}
+    by_shape = {_conv_key(c): c for c in torch_result.get("conv_cases", [])}
+    with_torch = any(_conv_key(c) in by_shape for c in convs)
+    header = "| 3x3 convolution, float32 | batch | forward | input grad | weight grad |"
+    if with_torch:
+        header += (f" PyTorch {torch_result['torch']} ({torch_result['threads']} threads, "
+                   "NCHW): forward | input grad | weight grad |")
+    rows = ["", "Bare 3x3 convolution, GFLOP/s of each kernel alone (one device):", "",
+            header, "|---|---|---|---|---|" + ("---|---|---|" if with_torch else "")]
+    for c in convs:
+        cells = [f"{c['side']}x{c['side']}, {c['in_ch']} -> {c['out_ch']} channels",
+                 str(c["batch"])]
+        cells += [f"{c[f'{kind}_flops_per_s'] / 1e9:.0f}" for kind in CONV_KINDS]
+        if with_torch:
+            theirs = by_shape.get(_conv_key(c))
+            cells += ["" if theirs is None else f"{theirs[f'{kind}_flops_per_s'] / 1e9:.0f}"
+                      for kind in CONV_KINDS]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
 
 
 def main(argv=None) -> dict[str, Any]:

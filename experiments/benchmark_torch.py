@@ -15,8 +15,14 @@ PyTorch and diffusers are not dependencies of this project; install them next to
     pip install torch diffusers
     python experiments/benchmark_torch.py --models=cifar,small --out=torch.json
 
+With ``--conv-shapes=SIDExCINxCOUT,...`` it also times a bare 3x3 convolution (stride 1,
+padding 1, NCHW, the network's layout) at each shape and batch ``--conv-batch``: the forward
+pass, the input gradient and the weight gradient alone (``convolution_backward`` with one
+output each), the counterpart of `experiments/benchmark.py`'s ``conv`` case.
+
 Prints one JSON object (and writes it to ``--out``): versions, threads, and per case the
-parameter count, the median step time and images/s.
+parameter count, the median step time and images/s; per convolution (``conv_cases``) each
+kernel's median seconds and FLOP/s.
 """
 
 from __future__ import annotations
@@ -89,6 +95,57 @@ def bench(model_name: str, batch: int, steps: int, warmup: int) -> dict:
     }
 
 
+def conv_flops(batch: int, side: int, in_ch: int, out_ch: int) -> float:
+    """2 x the multiply-adds of a 3x3 stride-1 convolution with padding 1."""
+    return 2.0 * batch * side * side * 9 * in_ch * out_ch
+
+
+def bench_conv(batch: int, side: int, in_ch: int, out_ch: int, steps: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, in_ch, side, side)
+    w = torch.randn(out_ch, in_ch, 3, 3) * 0.05
+    dy = torch.randn(batch, out_ch, side, side)
+
+    def backward(mask):
+        return lambda: torch.ops.aten.convolution_backward(
+            dy, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+
+    kernels = {
+        "forward": lambda: torch.nn.functional.conv2d(x, w, padding=1),
+        "input_grad": backward([True, False, False]),
+        "weight_grad": backward([False, True, False]),
+    }
+    flops = conv_flops(batch, side, in_ch, out_ch)
+    case = {"case": "conv", "batch": batch, "side": side, "in_ch": in_ch, "out_ch": out_ch,
+            "dtype": "float32", "flops": flops}
+    with torch.no_grad():
+        for kind, fn in kernels.items():
+            fn()
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            case[f"{kind}_s"] = seconds
+            case[f"{kind}_flops_per_s"] = flops / seconds
+    return case
+
+
+def parse_conv_shapes(text: str) -> list[tuple[int, int, int]]:
+    """'32x128x128,16x256x256' -> [(32, 128, 128), (16, 256, 256)]; ValueError otherwise."""
+    shapes = []
+    for item in (part for part in text.split(",") if part):
+        parts = item.split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"bad conv shape {item!r}: want SIDExCINxCOUT, positive "
+                             "integers, e.g. 32x128x128")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="cifar,small")
@@ -96,8 +153,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--small-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--conv-shapes", default="",
+                   help="bare 3x3 convolutions to time: SIDExCINxCOUT,... (none by default)")
+    p.add_argument("--conv-batch", type=int, default=32)
+    p.add_argument("--conv-steps", type=int, default=9, help="timed calls per conv kernel")
     p.add_argument("--out", default="benchmark_torch.json")
     args = p.parse_args(argv)
+    try:
+        args.conv_shapes = parse_conv_shapes(args.conv_shapes)
+    except ValueError as error:
+        p.error(str(error))
     unknown = sorted(set(m for m in args.models.split(",") if m) - set(MODELS))
     if unknown:
         p.error(f"unknown model(s) {unknown}; valid: {sorted(MODELS)}")
@@ -115,6 +180,7 @@ def main():
         "torch": torch.__version__, "diffusers": diffusers.__version__,
         "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
         "machine": platform.processor() or platform.machine(), "cases": [],
+        "conv_cases": [],
     }
     for name in models:
         batch = args.cifar_batch if name == "cifar" else args.small_batch
@@ -122,6 +188,12 @@ def main():
         print(f"{name} batch {batch}: {case['params'] / 1e6:.2f}M params, "
               f"{case['step_s']:.3f} s/step, {case['images_per_s']:.2f} images/s", flush=True)
         result["cases"].append(case)
+    for side, in_ch, out_ch in args.conv_shapes:
+        case = bench_conv(args.conv_batch, side, in_ch, out_ch, args.conv_steps)
+        print(f"conv {side}x{side} {in_ch}->{out_ch}: " + ", ".join(
+            f"{kind} {case[kind + '_flops_per_s'] / 1e9:.0f}"
+            for kind in ("forward", "input_grad", "weight_grad")) + " GFLOP/s", flush=True)
+        result["conv_cases"].append(case)
     text = json.dumps(result, indent=2)
     print(text)
     with open(args.out, "w") as f:

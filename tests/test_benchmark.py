@@ -40,7 +40,7 @@ def quick_result(tmp_path_factory):
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--cpu-devices=2", "--meshes=1",
-         "--dtypes=float32", "--samplers=ddim", "--cases=train,sample,bpd,data",
+         "--dtypes=float32", "--samplers=ddim", "--cases=train,conv,sample,bpd,data",
          f"--profile-dir={out.parent / 'trace'}", f"--out={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -99,7 +99,7 @@ def test_quick_mode_sampling_bound_and_data_cases(quick_result):
     by_case = {}
     for c in quick_result["cases"]:
         by_case.setdefault(c["case"], []).append(c)
-    assert set(by_case) == {"train_step", "sample", "bpd", "data"}
+    assert set(by_case) == {"train_step", "conv", "sample", "bpd", "data"}
     (sample,) = by_case["sample"]
     assert sample["sampler"] == "ddim" and sample["network_evals"] == 2
     assert sample["batch"] == 2 and sample["devices"] == 2
@@ -116,12 +116,59 @@ def test_quick_mode_sampling_bound_and_data_cases(quick_result):
         assert _positive(case["images_per_s"]) and _positive(case["step_s"])
 
 
+def test_quick_mode_conv_case(quick_result):
+    """The micro U-Net has one level: one shape, 32x32 with 32 channels, batch 2."""
+    (case,) = [c for c in quick_result["cases"] if c["case"] == "conv"]
+    assert (case["side"], case["in_ch"], case["out_ch"], case["batch"]) == (32, 32, 32, 2)
+    assert case["devices"] == 1 and case["dtype"] == "float32"
+    assert case["flops"] == 2 * 2 * 32 * 32 * 9 * 32 * 32
+    for kind in ("forward", "input_grad", "weight_grad"):
+        assert _positive(case[f"{kind}_s"]), kind
+        assert case[f"{kind}_flops_per_s"] == pytest.approx(case["flops"] / case[f"{kind}_s"])
+        assert _positive(case[f"{kind}_fraction_of_peak"]), kind
+
+
+def test_conv_shapes_are_the_levels_of_the_unets():
+    bench = _load_benchmark()
+    assert bench.conv_shapes("cifar") == [(32, 128, 128), (16, 256, 256), (8, 256, 256),
+                                          (4, 256, 256)]
+    assert bench.conv_shapes("small") == [(32, 64, 64), (16, 128, 128), (8, 128, 128)]
+
+
+def test_conv_kernels_are_the_convolution_and_its_gradients():
+    """The timed kernels compute what a train step's differentiation computes: the
+    forward pass, and the vector-Jacobian products in the input and in the weight."""
+    bench = _load_benchmark()
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (2, 6, 6, 3))
+    w = jax.random.normal(keys[1], (3, 3, 3, 4))
+    dy = jax.random.normal(keys[2], (2, 6, 6, 4))
+    kernels = bench.conv_kernels()
+    y, vjp = jax.vjp(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), x, w)
+    dx, dw = vjp(dy)
+    np.testing.assert_allclose(kernels["forward"](x, w, dy), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernels["input_grad"](x, w, dy), dx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernels["weight_grad"](x, w, dy), dw, rtol=1e-5, atol=1e-5)
+    # Independent of both: the weight gradient as a sum over the padded input's windows.
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    expected = np.zeros((3, 3, 3, 4))
+    for i in range(3):
+        for j in range(3):
+            expected[i, j] = np.einsum("nhwc,nhwo->co", xp[:, i:i + 6, j:j + 6],
+                                       np.asarray(dy, np.float64))
+    np.testing.assert_allclose(kernels["weight_grad"](x, w, dy), expected, rtol=1e-4,
+                               atol=1e-4)
+
+
 def test_markdown_table_has_a_row_per_case(quick_result):
     table = _load_benchmark().markdown_table(quick_result).splitlines()
-    cases = table[:table.index("")]  # then the op profile of the train step
-    assert len(cases) == 2 + len(quick_result["cases"])
+    cases = table[:table.index("")]  # then the bare convolutions and the op profile
+    assert len(cases) == 2 + len([c for c in quick_result["cases"] if c["case"] != "conv"])
     assert all(row.startswith("| ") and row.endswith(" |") for row in cases[2:])
     assert cases[2].startswith("| train step, micro U-Net, float32 | 4 | 1 |")
+    conv_rows = [row for row in table if row.startswith("| 32x32, 32 -> 32 channels | 2 | ")]
+    assert len(conv_rows) == 1 and conv_rows[0].count("|") == 6  # no PyTorch columns
     assert table[-1].startswith("| train step, micro U-Net, float32 | 1 | ")
 
 
@@ -136,9 +183,16 @@ if args["--steps"] == "99":
     sys.exit("no module named torch")
 batches = {{"cifar": int(args["--cifar-batch"]), "small": int(args["--small-batch"])}}
 cases = [{{"case": "train_step", "model": m, "batch": batches[m], "dtype": "float32",
-          "step_s": 0.5, "images_per_s": 2.0 * batches[m]}} for m in args["--models"].split(",")]
+          "step_s": 0.5, "images_per_s": 2.0 * batches[m]}}
+         for m in args["--models"].split(",") if m]
+convs = []
+for shape in filter(None, args.get("--conv-shapes", "").split(",")):
+    side, cin, cout = map(int, shape.split("x"))
+    convs.append({{"case": "conv", "batch": int(args["--conv-batch"]), "side": side,
+                  "in_ch": cin, "out_ch": cout, "forward_flops_per_s": 1e11,
+                  "input_grad_flops_per_s": 2e11, "weight_grad_flops_per_s": 4e11}})
 json.dump({{"torch": "9.9", "diffusers": "0.1", "threads": 2, "argv": sys.argv[1:],
-           "cases": cases}}, open(args["--out"], "w"))
+           "cases": cases, "conv_cases": convs}}, open(args["--out"], "w"))
 """
 
 
@@ -183,6 +237,49 @@ def test_torch_side_by_side_runs_the_torch_script_on_the_same_cases(fake_torch_p
                                "(2 threads) | 8 |  |  | 0.500 | 16.00 |")
 
 
+def test_torch_side_by_side_on_the_bare_convolutions(fake_torch_python):
+    """--cases=conv alone: no train models for PyTorch, the conv case's shapes and batch;
+    each JAX conv case gets vs_torch per kernel, and the conv table PyTorch's columns."""
+    bench = _load_benchmark()
+    args = bench.parse_args([f"--torch-python={fake_torch_python}", "--cases=conv",
+                             "--conv-model=small", "--conv-batch=4", "--conv-steps=3",
+                             "--train-models=micro"])
+    result = bench.bench_torch(args)
+    assert result["cases"] == []
+    shapes = "--conv-shapes=32x64x64,16x128x128,8x128x128"
+    assert {"--models=", shapes, "--conv-batch=4", "--conv-steps=3"} <= set(result["argv"])
+    spec = importlib.util.spec_from_file_location("benchmark_torch", result["argv"][0])
+    torch_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_script)
+    parsed = torch_script.parse_args(result["argv"][1:])
+    assert parsed.models == "" and parsed.conv_batch == 4 and parsed.conv_steps == 3
+    assert parsed.conv_shapes == [(32, 64, 64), (16, 128, 128), (8, 128, 128)]
+
+    ours = [{"case": "conv", "batch": 4, "side": side, "in_ch": c, "out_ch": c,
+             "forward_flops_per_s": 2e11, "input_grad_flops_per_s": 2e11,
+             "weight_grad_flops_per_s": 1e11} for side, c in ((16, 128), (4, 256))]
+    bench.attach_torch(ours, result)
+    assert ours[0]["vs_torch"] == pytest.approx(
+        {"forward": 2.0, "input_grad": 1.0, "weight_grad": 0.25})
+    assert ours[1]["vs_torch"] is None  # a shape PyTorch did not run
+    table = bench.markdown_table({"cases": ours, "torch": result}).splitlines()
+    assert table[0] == "Bare 3x3 convolution, GFLOP/s of each kernel alone (one device):"
+    assert "PyTorch 9.9 (2 threads, NCHW): forward | input grad | weight grad |" in table[2]
+    assert table[4] == "| 16x16, 128 -> 128 channels | 4 | 200 | 200 | 100 | 100 | 200 | 400 |"
+    assert table[5] == "| 4x4, 256 -> 256 channels | 4 | 200 | 200 | 100 |  |  |  |"
+
+
+@pytest.mark.parametrize("shapes", ["32x128", "32x0x8", "axbxc", "32x128x128x1"])
+def test_torch_script_rejects_bad_conv_shapes(shapes, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_torch", ROOT / "experiments" / "benchmark_torch.py")
+    torch_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_script)
+    with pytest.raises(SystemExit):
+        torch_script.parse_args([f"--conv-shapes={shapes}"])
+    assert "want SIDExCINxCOUT" in capsys.readouterr().err
+
+
 def test_torch_side_by_side_failure_is_reported_with_its_output(fake_torch_python):
     bench = _load_benchmark()
     args = bench.parse_args([f"--torch-python={fake_torch_python}", "--steps=99"])  # it fails
@@ -192,7 +289,7 @@ def test_torch_side_by_side_failure_is_reported_with_its_output(fake_torch_pytho
 
 @pytest.mark.parametrize("argv, message", [
     (["--torch-python=/nonexistent/python"], "not an executable file"),
-    (["--cases=sample"], "add 'train' to --cases"),
+    (["--cases=sample"], "add 'train' or 'conv' to --cases"),
     (["--train-models=micro"], "covers the train models"),
     (["--quick"], "leave out --quick or --torch-python"),
 ])
