@@ -41,6 +41,19 @@ MODELS = {
 }
 
 
+def time_calls(fn, *, steps: int, warmup: int) -> list[float]:
+    """Wall seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones (PyTorch on
+    the CPU returns when the work is done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def build(model: str):
     from diffusers import UNet2DModel
 
@@ -80,13 +93,7 @@ def bench(model_name: str, batch: int, steps: int, warmup: int) -> dict:
             torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - 0.9999)
         return float(loss.detach())
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = time_calls(step, steps=steps, warmup=warmup)
     median = statistics.median(times)
     return {
         "case": "train_step", "model": model_name, "batch": batch, "dtype": "float32",
@@ -122,13 +129,7 @@ def bench_conv(batch: int, side: int, in_ch: int, out_ch: int, steps: int) -> di
             "dtype": "float32", "flops": flops}
     with torch.no_grad():
         for kind, fn in kernels.items():
-            fn()
-            times = []
-            for _ in range(steps):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            seconds = statistics.median(times)
+            seconds = statistics.median(time_calls(fn, steps=steps, warmup=1))
             case[f"{kind}_s"] = seconds
             case[f"{kind}_flops_per_s"] = flops / seconds
     return case
