@@ -92,7 +92,9 @@ training four times as long (80,000 steps: the chain -0.316, nearer the data; it
 solve -0.5 % from it, 20 steps still -9.2 %, -0.345, 0.360 % off the modes). With the
 exact eps (another x_T: 2M -0.323 at 20 steps, -0.309 at 200), neither the third-order
 multistep update (DPM-Solver++(3M): -0.697 at 20 steps) nor the Taylor form of the 2M
-update (-0.336) is closer. Coarse steps in t = 30-120, where the components separate,
+update (-0.336) is closer. A time embedding smooth in t (sinusoids of pi k t / T,
+k = 1..32, instead of DDPM's frequencies up to one per step) moves which seed fails
+rather than fixing it: at 20 steps -13.5 %, -3.9 % and -0.5 % (seeds 0, 1, 2). Coarse steps in t = 30-120, where the components separate,
 strand the samples (coarse there and fine elsewhere: 0.100 % off the modes against 0.030 %
 all fine), while coarse steps below t = 30 spread the rest (-0.416 nats); on the
 time-quadratic grid the two partly cancel.
