@@ -114,6 +114,8 @@ from jax.sharding import Mesh
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from configs import ddpm_cifar  # noqa: E402
+# The PyTorch side's script imports nothing beyond the standard library until it runs.
+from experiments import benchmark_torch  # noqa: E402
 from diffusion_jax import data, likelihood, sampling, schedules  # noqa: E402
 from diffusion_jax.training import mesh as mesh_lib  # noqa: E402
 from diffusion_jax.training import objectives, step as step_lib  # noqa: E402
@@ -129,8 +131,8 @@ MODELS = {
 }
 SAMPLERS = sampling.SAMPLERS
 ALL_CASES = ("train", "conv", "sample", "bpd", "data", "loop")
-CONV_KINDS = ("forward", "input_grad", "weight_grad")
-TORCH_MODELS = ("cifar", "small")  # the configurations experiments/benchmark_torch.py builds
+CONV_KINDS = benchmark_torch.CONV_KINDS
+TORCH_MODELS = tuple(benchmark_torch.MODELS)  # the configurations it builds
 
 
 # --- measurement helpers --------------------------------------------------------------------
@@ -609,12 +611,6 @@ def conv_shapes(model: str) -> list[tuple[int, int, int]]:
     return [(size // 2**level, ch * m, ch * m) for level, m in enumerate(ch_mult)]
 
 
-def conv_flops(batch: int, side: int, in_ch: int, out_ch: int) -> float:
-    """2 x the multiply-adds of a 3x3 stride-1 SAME convolution (each of its three
-    kernels: forward, input gradient, weight gradient, does this many)."""
-    return 2.0 * batch * side * side * 9 * in_ch * out_ch
-
-
 def conv3x3(x, w):
     """The bare convolution of the conv case: 3x3, stride 1, SAME padding, NHWC / HWIO."""
     return jax.lax.conv_general_dilated(
@@ -647,7 +643,7 @@ def bench_conv(args, peaks: dict) -> list[dict[str, Any]]:
         x = jax.device_put(jax.random.normal(keys[0], (batch, side, side, in_ch)), device)
         w = jax.device_put(jax.random.normal(keys[1], (3, 3, in_ch, out_ch)) * 0.05, device)
         dy = jax.device_put(jax.random.normal(keys[2], (batch, side, side, out_ch)), device)
-        flops = conv_flops(batch, side, in_ch, out_ch)
+        flops = benchmark_torch.conv_flops(batch, side, in_ch, out_ch)
         case = {"case": "conv", "model": args.conv_model, "dtype": "float32", "batch": batch,
                 "side": side, "in_ch": in_ch, "out_ch": out_ch, "devices": 1,
                 "flops": flops}
@@ -981,7 +977,7 @@ def bench_torch(args) -> dict[str, Any]:
                    f"--cifar-batch={args.train_batch}", f"--small-batch={args.small_batch}",
                    f"--steps={args.steps}", f"--warmup={args.warmup}", f"--out={out}"]
         if "conv" in cases:
-            shapes = ",".join(f"{s}x{i}x{o}" for s, i, o in conv_shapes(args.conv_model))
+            shapes = benchmark_torch.format_conv_shapes(conv_shapes(args.conv_model))
             command += [f"--conv-shapes={shapes}", f"--conv-batch={args.conv_batch}",
                         f"--conv-steps={args.conv_steps}"]
         proc = subprocess.run(command, capture_output=True, text=True)
@@ -1056,15 +1052,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells = [name, str(c["batch"]), "", "", f"{c['step_s']:.3f}",
                  f"{c['images_per_s']:.2f}", "", "", "", "", ""]
         rows.append("| " + " | ".join(cells) + " |")
-    rows = (header + rows if rows else []) + _conv_table(result)
-    if rows and not rows[0]:
-        rows = rows[1:]  # the conv table first: no blank line above it
+    sections = [header + rows if rows else [], _conv_table(result)]
     profiled = [c for c in result["cases"] if c.get("profile", {}).get("kinds")]
     if profiled:
-        rows += ["", "Op time of one traced train step by kind (share of the summed op time; "
-                 "GFLOP/s of convolutions and matmuls):", "",
-                 "| case | devices | " + " | ".join(OP_KINDS) + " |",
-                 "|---|---|" + "---|" * len(OP_KINDS)]
+        rows = ["Op time of one traced train step by kind (share of the summed op time; "
+                "GFLOP/s of convolutions and matmuls):", "",
+                "| case | devices | " + " | ".join(OP_KINDS) + " |",
+                "|---|---|" + "---|" * len(OP_KINDS)]
         for c in profiled:
             kinds = c["profile"]["kinds"]
             cells = [f"train step, {c['model']} U-Net, {c['dtype']}", str(c["devices"])]
@@ -1073,7 +1067,8 @@ def markdown_table(result: dict[str, Any]) -> str:
                 rate = f" ({k['gflop_per_s']:.0f})" if k and k.get("gflop_per_s") else ""
                 cells.append("" if k is None else f"{100 * k['share']:.1f} %{rate}")
             rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        sections.append(rows)
+    return "\n\n".join("\n".join(section) for section in sections if section)
 
 
 def _conv_table(result: dict[str, Any]) -> list[str]:
@@ -1087,7 +1082,7 @@ def _conv_table(result: dict[str, Any]) -> list[str]:
     if with_torch:
         header += (f" PyTorch {torch_result['torch']} ({torch_result['threads']} threads, "
                    "NCHW): forward | input grad | weight grad |")
-    rows = ["", "Bare 3x3 convolution, GFLOP/s of each kernel alone (one device):", "",
+    rows = ["Bare 3x3 convolution, GFLOP/s of each kernel alone (one device):", "",
             header, "|---|---|---|---|---|" + ("---|---|---|" if with_torch else "")]
     for c in convs:
         cells = [f"{c['side']}x{c['side']}, {c['in_ch']} -> {c['out_ch']} channels",

@@ -41,6 +41,9 @@ MODELS = {
 }
 
 
+CONV_KINDS = ("forward", "input_grad", "weight_grad")
+
+
 def time_calls(fn, *, steps: int, warmup: int) -> list[float]:
     """Wall seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones (PyTorch on
     the CPU returns when the work is done)."""
@@ -103,7 +106,8 @@ def bench(model_name: str, batch: int, steps: int, warmup: int) -> dict:
 
 
 def conv_flops(batch: int, side: int, in_ch: int, out_ch: int) -> float:
-    """2 x the multiply-adds of a 3x3 stride-1 convolution with padding 1."""
+    """2 x the multiply-adds of a 3x3 stride-1 convolution with padding 1 (each of its
+    three kernels, forward, input gradient and weight gradient, does this many)."""
     return 2.0 * batch * side * side * 9 * in_ch * out_ch
 
 
@@ -133,6 +137,11 @@ def bench_conv(batch: int, side: int, in_ch: int, out_ch: int, steps: int) -> di
             case[f"{kind}_s"] = seconds
             case[f"{kind}_flops_per_s"] = flops / seconds
     return case
+
+
+def format_conv_shapes(shapes) -> str:
+    """[(32, 128, 128), (16, 256, 256)] -> '32x128x128,16x256x256' (`parse_conv_shapes`)."""
+    return ",".join("x".join(str(d) for d in shape) for shape in shapes)
 
 
 def parse_conv_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -193,7 +202,7 @@ def main():
         case = bench_conv(args.conv_batch, side, in_ch, out_ch, args.conv_steps)
         print(f"conv {side}x{side} {in_ch}->{out_ch}: " + ", ".join(
             f"{kind} {case[kind + '_flops_per_s'] / 1e9:.0f}"
-            for kind in ("forward", "input_grad", "weight_grad")) + " GFLOP/s", flush=True)
+            for kind in CONV_KINDS) + " GFLOP/s", flush=True)
         result["conv_cases"].append(case)
     text = json.dumps(result, indent=2)
     print(text)
