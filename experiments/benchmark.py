@@ -36,9 +36,10 @@ Cases (``--cases``, comma-separated):
 - ``conv``: a bare 3x3 convolution (stride 1, SAME padding, NHWC, float32) at each
   level of ``--conv-model``'s U-Net (the CIFAR one: 32x32 with 128 channels in and out,
   then 16x16, 8x8 and 4x4 with 256), batch ``--conv-batch``, on one device: its forward
-  pass, its input gradient and its weight gradient, each jitted alone, with GFLOP/s
-  (2 x B x H x W x 9 x C_in x C_out each) and the fraction of the matmul peak; the kernels
-  a train step spends most of its time in, without the network around them;
+  pass, its input gradient and its weight gradient (as XLA writes it, and in the dilated
+  form of `diffusion_jax.models.conv`, ``weight_grad_dilated``), each jitted alone, with
+  GFLOP/s (2 x B x H x W x 9 x C_in x C_out each) and the fraction of the matmul peak; the
+  kernels a train step spends most of its time in, without the network around them;
 - ``sample``: ancestral, DDIM and DPM-Solver++ with ``--sample-steps`` network
   evaluations each, one compiled loop per sampler; images/s and network evaluations x
   images per second;
@@ -85,7 +86,9 @@ movement, the rest), each kind's share and, for convolutions and matmuls, GFLOP/
 markdown gets a second table. ``op_time_by_kind(trace, program)`` sums a saved trace again.
 
 Batches are global, split over the devices of the mesh (multiples of the device count).
-Set ``XLA_FLAGS`` in the environment to try XLA options; the JSON records them.
+``--conv-weight-grad`` sets the U-Net's ``conv_weight_grad`` ('auto': the dilated form
+for float32 on a CPU; 'xla' times XLA's own weight gradients). Set ``XLA_FLAGS`` in the
+environment to try XLA options; the JSON records them.
 """
 
 from __future__ import annotations
@@ -117,9 +120,10 @@ from configs import ddpm_cifar  # noqa: E402
 # The PyTorch side's script imports nothing beyond the standard library until it runs.
 from experiments import benchmark_torch  # noqa: E402
 from diffusion_jax import data, likelihood, sampling, schedules  # noqa: E402
+from diffusion_jax.models import conv as conv_lib  # noqa: E402
 from diffusion_jax.training import mesh as mesh_lib  # noqa: E402
 from diffusion_jax.training import objectives, step as step_lib  # noqa: E402
-from diffusion_jax.training.setup import create_model  # noqa: E402
+from diffusion_jax.training.setup import DTYPES, create_model  # noqa: E402
 from diffusion_jax.training.state import TrainState, make_optimizer  # noqa: E402
 
 CIFAR_INFO = data.DataInfo("cifar10", "image", (32, 32, 3), 50_000, 10)
@@ -132,6 +136,9 @@ MODELS = {
 SAMPLERS = sampling.SAMPLERS
 ALL_CASES = ("train", "conv", "sample", "bpd", "data", "loop")
 CONV_KINDS = benchmark_torch.CONV_KINDS
+# The conv case's JAX kernels: PyTorch's kinds and the dilated weight gradient, which is
+# compared with PyTorch's weight gradient.
+JAX_CONV_KINDS = CONV_KINDS + ("weight_grad_dilated",)
 TORCH_MODELS = tuple(benchmark_torch.MODELS)  # the configurations it builds
 
 
@@ -484,9 +491,12 @@ def environment() -> dict[str, Any]:
 # --- configs --------------------------------------------------------------------------------
 
 
-def make_config(model: str, dtype: str = "float32", *, num_timesteps: int = 1000):
-    """The DDPM CIFAR-10 config with the named U-Net size and compute dtype."""
+def make_config(model: str, dtype: str = "float32", *, num_timesteps: int = 1000,
+                conv_weight_grad: str = "auto"):
+    """The DDPM CIFAR-10 config with the named U-Net size, compute dtype and form of the
+    convolutions' weight gradients."""
     config = ddpm_cifar.get_config()
+    config.model.conv_weight_grad = conv_weight_grad
     ch, ch_mult, blocks, attn = MODELS[model]
     config.model.ch, config.model.ch_mult = ch, ch_mult
     config.model.num_res_blocks, config.model.attn_resolutions = blocks, attn
@@ -537,7 +547,7 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
                 peaks: dict) -> dict[str, Any]:
     """The train step on a mesh of ``num_devices`` devices, as `train.train_and_evaluate`
     jits it: donated state, replicated parameters, the batch split over ``data``."""
-    config = make_config(model, dtype)
+    config = make_config(model, dtype, conv_weight_grad=args.conv_weight_grad)
     objective = objectives.create_objective(config, CIFAR_INFO)
     optimizer = make_optimizer(config.optim)
     mesh = sub_mesh(num_devices)
@@ -577,6 +587,8 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
     case = {
         "case": "train_step", "model": model, "dtype": dtype, "batch": batch,
         "devices": mesh.size,
+        "conv_weight_grad": conv_lib.resolve_weight_grad(args.conv_weight_grad,
+                                                        DTYPES[dtype]),
         "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
         "compile_s": compile_s, "step_s": statistics.median(times),
         "step_s_all": [round(t, 4) for t in times],
@@ -620,13 +632,16 @@ def conv3x3(x, w):
 def conv_kernels() -> dict[str, Callable]:
     """``kind -> jitted f(x, w, dy)``: the bare convolution's forward pass, and its input
     and weight gradients as the transposes of the convolution in one argument (what
-    differentiation runs in a train step; no forward pass inside them)."""
+    differentiation gives XLA; no forward pass inside them), and the weight gradient in
+    the dilated form (`diffusion_jax.models.conv.dilated_weight_grad`)."""
     return {
         "forward": jax.jit(lambda x, w, dy: conv3x3(x, w)),
         "input_grad": jax.jit(lambda x, w, dy: jax.linear_transpose(
             lambda x_: conv3x3(x_, w), x)(dy)[0]),
         "weight_grad": jax.jit(lambda x, w, dy: jax.linear_transpose(
             lambda w_: conv3x3(x, w_), w)(dy)[0]),
+        "weight_grad_dilated": jax.jit(lambda x, w, dy: conv_lib.dilated_weight_grad(
+            x, dy, w.shape, (1, 1), ((1, 1), (1, 1)))),
     }
 
 
@@ -662,7 +677,8 @@ def bench_conv(args, peaks: dict) -> list[dict[str, Any]]:
 
 
 def _eval_model(args, num_timesteps: int):
-    config = make_config(args.eval_model, args.eval_dtype, num_timesteps=num_timesteps)
+    config = make_config(args.eval_model, args.eval_dtype, num_timesteps=num_timesteps,
+                         conv_weight_grad=args.conv_weight_grad)
     model = create_model(config, CIFAR_INFO)
     params = jax.jit(objectives.ddpm_objective(config, CIFAR_INFO).init)(jax.random.key(0))
     return config, model, params
@@ -781,7 +797,7 @@ def bench_loop(args) -> dict[str, Any]:
     """``train.train_and_evaluate`` on mocked CIFAR-10: its own logged figures."""
     from diffusion_jax.training import train
 
-    config = make_config(args.loop_model)
+    config = make_config(args.loop_model, conv_weight_grad=args.conv_weight_grad)
     config.data.mock, config.data.mock_num_examples = True, 1024
     config.data.prefetch = args.prefetch
     config.optim.warmup_steps = 10
@@ -834,6 +850,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--small-batch", type=int, default=16, help="batch of the small model")
     p.add_argument("--steps", type=int, default=5, help="timed train steps per case")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    p.add_argument("--conv-weight-grad", default="auto", choices=conv_lib.WEIGHT_GRADS,
+                   help="the U-Net's conv_weight_grad in the train, sample and bpd cases")
     p.add_argument("--conv-model", default="cifar",
                    help="U-Net whose levels give the conv case's shapes")
     p.add_argument("--conv-batch", type=int, default=32, help="batch of the conv case")
@@ -1000,8 +1018,9 @@ def attach_torch(cases: list[dict[str, Any]], torch_result: dict[str, Any]) -> N
         if case["case"] == "conv":
             theirs = by_shape.get(_conv_key(case))
             case["vs_torch"] = None if not theirs else {
-                kind: case[f"{kind}_flops_per_s"] / theirs[f"{kind}_flops_per_s"]
-                for kind in CONV_KINDS}
+                kind: case[f"{kind}_flops_per_s"] / theirs[
+                    f"{kind.removesuffix('_dilated')}_flops_per_s"]
+                for kind in JAX_CONV_KINDS if f"{kind}_flops_per_s" in case}
         if case["case"] == "train_step" and case.get("dtype") == "float32":
             theirs = by_model.get((case["model"], case["batch"]))
             case["vs_torch"] = None if not theirs else case["images_per_s"] / theirs
@@ -1078,16 +1097,18 @@ def _conv_table(result: dict[str, Any]) -> list[str]:
     torch_result = result.get("torch") or {}
     by_shape = {_conv_key(c): c for c in torch_result.get("conv_cases", [])}
     with_torch = any(_conv_key(c) in by_shape for c in convs)
-    header = "| 3x3 convolution, float32 | batch | forward | input grad | weight grad |"
+    header = ("| 3x3 convolution, float32 | batch | forward | input grad | weight grad | "
+              "weight grad, dilated |")
     if with_torch:
         header += (f" PyTorch {torch_result['torch']} ({torch_result['threads']} threads, "
                    "NCHW): forward | input grad | weight grad |")
     rows = ["Bare 3x3 convolution, GFLOP/s of each kernel alone (one device):", "",
-            header, "|---|---|---|---|---|" + ("---|---|---|" if with_torch else "")]
+            header, "|---|---|---|---|---|---|" + ("---|---|---|" if with_torch else "")]
     for c in convs:
         cells = [f"{c['side']}x{c['side']}, {c['in_ch']} -> {c['out_ch']} channels",
                  str(c["batch"])]
-        cells += [f"{c[f'{kind}_flops_per_s'] / 1e9:.0f}" for kind in CONV_KINDS]
+        cells += ["" if c.get(f"{kind}_flops_per_s") is None
+                  else f"{c[f'{kind}_flops_per_s'] / 1e9:.0f}" for kind in JAX_CONV_KINDS]
         if with_torch:
             theirs = by_shape.get(_conv_key(c))
             cells += ["" if theirs is None else f"{theirs[f'{kind}_flops_per_s'] / 1e9:.0f}"

@@ -81,6 +81,7 @@ def test_quick_mode_train_step_case(quick_result):
     # The micro U-Net has no upsampling layer: DDPM's count is ours.
     assert case["ddpm_flops"] == case["model_flops"]
     assert case["traces"] == 1 and case["state_donated"] is True
+    assert case["conv_weight_grad"] == "dilated"  # 'auto' for float32 on the CPU
     memory = case["memory"]
     assert memory["argument_bytes"] > 4 * case["params"]  # params, EMA, Adam moments
     assert memory["host_peak_rss_bytes"] > 0
@@ -122,7 +123,7 @@ def test_quick_mode_conv_case(quick_result):
     assert (case["side"], case["in_ch"], case["out_ch"], case["batch"]) == (32, 32, 32, 2)
     assert case["devices"] == 1 and case["dtype"] == "float32"
     assert case["flops"] == 2 * 2 * 32 * 32 * 9 * 32 * 32
-    for kind in ("forward", "input_grad", "weight_grad"):
+    for kind in ("forward", "input_grad", "weight_grad", "weight_grad_dilated"):
         assert _positive(case[f"{kind}_s"]), kind
         assert case[f"{kind}_flops_per_s"] == pytest.approx(case["flops"] / case[f"{kind}_s"])
         assert _positive(case[f"{kind}_fraction_of_peak"]), kind
@@ -157,8 +158,8 @@ def test_conv_kernels_are_the_convolution_and_its_gradients():
         for j in range(3):
             expected[i, j] = np.einsum("nhwc,nhwo->co", xp[:, i:i + 6, j:j + 6],
                                        np.asarray(dy, np.float64))
-    np.testing.assert_allclose(kernels["weight_grad"](x, w, dy), expected, rtol=1e-4,
-                               atol=1e-4)
+    for kind in ("weight_grad", "weight_grad_dilated"):
+        np.testing.assert_allclose(kernels[kind](x, w, dy), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_markdown_table_has_a_row_per_case(quick_result):
@@ -168,7 +169,7 @@ def test_markdown_table_has_a_row_per_case(quick_result):
     assert all(row.startswith("| ") and row.endswith(" |") for row in cases[2:])
     assert cases[2].startswith("| train step, micro U-Net, float32 | 4 | 1 |")
     conv_rows = [row for row in table if row.startswith("| 32x32, 32 -> 32 channels | 2 | ")]
-    assert len(conv_rows) == 1 and conv_rows[0].count("|") == 6  # no PyTorch columns
+    assert len(conv_rows) == 1 and conv_rows[0].count("|") == 7  # no PyTorch columns
     assert table[-1].startswith("| train step, micro U-Net, float32 | 1 | ")
 
 
@@ -257,16 +258,19 @@ def test_torch_side_by_side_on_the_bare_convolutions(fake_torch_python):
 
     ours = [{"case": "conv", "batch": 4, "side": side, "in_ch": c, "out_ch": c,
              "forward_flops_per_s": 2e11, "input_grad_flops_per_s": 2e11,
-             "weight_grad_flops_per_s": 1e11} for side, c in ((16, 128), (4, 256))]
+             "weight_grad_flops_per_s": 1e11, "weight_grad_dilated_flops_per_s": 3e11}
+            for side, c in ((16, 128), (4, 256))]
     bench.attach_torch(ours, result)
+    # The dilated weight gradient is compared with PyTorch's weight gradient.
     assert ours[0]["vs_torch"] == pytest.approx(
-        {"forward": 2.0, "input_grad": 1.0, "weight_grad": 0.25})
+        {"forward": 2.0, "input_grad": 1.0, "weight_grad": 0.25, "weight_grad_dilated": 0.75})
     assert ours[1]["vs_torch"] is None  # a shape PyTorch did not run
     table = bench.markdown_table({"cases": ours, "torch": result}).splitlines()
     assert table[0] == "Bare 3x3 convolution, GFLOP/s of each kernel alone (one device):"
     assert "PyTorch 9.9 (2 threads, NCHW): forward | input grad | weight grad |" in table[2]
-    assert table[4] == "| 16x16, 128 -> 128 channels | 4 | 200 | 200 | 100 | 100 | 200 | 400 |"
-    assert table[5] == "| 4x4, 256 -> 256 channels | 4 | 200 | 200 | 100 |  |  |  |"
+    assert table[4] == ("| 16x16, 128 -> 128 channels | 4 | 200 | 200 | 100 | 300 | 100 | 200 "
+                        "| 400 |")
+    assert table[5] == "| 4x4, 256 -> 256 channels | 4 | 200 | 200 | 100 | 300 |  |  |  |"
 
 
 @pytest.mark.parametrize("shapes", ["32x128", "32x0x8", "axbxc", "32x128x128x1"])

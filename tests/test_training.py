@@ -112,6 +112,8 @@ def test_unwritable_workdir(tmp_path):
         ("diffusion", "var_type", "learned", r"'mse' cannot train var_type 'learned'"),
         ("diffusion", "schedule", "quadratic", r"diffusion.schedule 'quadratic'.*'linear'"),
         ("model", "name", "resnet", r"model.name 'resnet'.*\['unet', 'mlp'\]"),
+        ("model", "conv_weight_grad", "fast",
+         r"model.conv_weight_grad 'fast'.*\['auto', 'xla', 'dilated'\]"),
         (None, "objective", "gan", r"objective 'gan'.*\['ddpm'"),
         ("train", "nan_policy", "ignore", r"train.nan_policy 'ignore'.*\['stop', 'skip'\]"),
         ("train", "num_steps", 0, r"train.num_steps must be a positive int; got 0"),

@@ -6,12 +6,16 @@
 - :class:`NormalizedRBF`: a normalized radial-basis-function net with a readout per step
   (the 2015 paper's swiss roll network).
 - :func:`timestep_embedding`: DDPM's sinusoidal embedding of the step ``t``.
+- :class:`Conv` / :func:`conv2d`: an NHWC convolution whose weight gradient can take a
+  form faster on the CPU (`diffusion_jax.models.conv`; the U-Net's convolutions).
 
 The models know nothing of schedules or losses: they map ``(x_t, t)`` to an array.
 """
 
+from diffusion_jax.models import conv
+from diffusion_jax.models.conv import Conv, conv2d
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.rbf import NormalizedRBF
 from diffusion_jax.models.unet import UNet, timestep_embedding
 
-__all__ = ["MLP", "NormalizedRBF", "UNet", "timestep_embedding"]
+__all__ = ["Conv", "MLP", "NormalizedRBF", "UNet", "conv", "conv2d", "timestep_embedding"]

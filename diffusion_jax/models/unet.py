@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.conv import Conv, conv2d
+
 Dtype = Any
 
 _NUM_GROUPS = 32
@@ -89,21 +91,23 @@ class ResnetBlock(nn.Module):
     dropout: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_weight_grad: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
-        conv = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = dict(dense, weight_grad=self.conv_weight_grad)
         h = nn.swish(_group_norm(self, "norm1")(x))
-        h = nn.Conv(self.out_ch, (3, 3), kernel_init=default_init(), name="conv1", **conv)(h)
-        temb_proj = nn.Dense(self.out_ch, kernel_init=default_init(), name="temb_proj", **conv)
+        h = Conv(self.out_ch, (3, 3), kernel_init=default_init(), name="conv1", **conv)(h)
+        temb_proj = nn.Dense(self.out_ch, kernel_init=default_init(), name="temb_proj", **dense)
         h = h + temb_proj(nn.swish(temb))[:, None, None, :]
         h = nn.swish(_group_norm(self, "norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(
+        h = Conv(
             self.out_ch, (3, 3), kernel_init=default_init(_ZERO_INIT_SCALE), name="conv2", **conv
         )(h)
         if x.shape[-1] != self.out_ch:
-            x = nn.Dense(self.out_ch, kernel_init=default_init(), name="nin_shortcut", **conv)(x)
+            x = nn.Dense(self.out_ch, kernel_init=default_init(), name="nin_shortcut", **dense)(x)
         return x + h
 
 
@@ -147,18 +151,20 @@ class Downsample(nn.Module):
     with_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_weight_grad: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if not self.with_conv:
             return nn.avg_pool(x, (2, 2), strides=(2, 2))
-        return nn.Conv(
+        return Conv(
             x.shape[-1],
             (3, 3),
             strides=(2, 2),
             kernel_init=default_init(),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            weight_grad=self.conv_weight_grad,
             name="conv",
         )(x)
 
@@ -173,6 +179,7 @@ class Upsample(nn.Module):
     with_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_weight_grad: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -183,7 +190,8 @@ class Upsample(nn.Module):
                 x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels)
             ).reshape(batch, 2 * height, 2 * width, channels)
         return _UpsampleConv(
-            x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
+            x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+            weight_grad=self.conv_weight_grad, name="conv",
         )(x)
 
 
@@ -209,6 +217,7 @@ class _UpsampleConv(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    weight_grad: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -228,10 +237,8 @@ class _UpsampleConv(nn.Module):
             for b in range(2):
                 # Phase 0 reads (i - 1, i): pad one before; phase 1 reads (i, i + 1).
                 padding = ((1 - a, a), (1 - b, b))
-                phases.append(jax.lax.conv_general_dilated(
-                    x, kernels[a, b], (1, 1), padding,
-                    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                ))
+                phases.append(conv2d(
+                    x, kernels[a, b], (1, 1), padding, weight_grad=self.weight_grad))
             rows.append(jnp.stack(phases, axis=3))  # (B, H, W, 2 [b], F)
         y = jnp.stack(rows, axis=2)  # (B, H, 2 [a], W, 2 [b], F)
         return y.reshape(batch, 2 * height, 2 * width, self.features) + bias.reshape(1, 1, 1, -1)
@@ -349,6 +356,9 @@ class UNet(nn.Module):
       resamp_with_conv: use convs in the down/upsampling layers (DDPM: True).
       dtype: compute dtype of convs and dense layers (e.g. ``jnp.bfloat16``).
       param_dtype: dtype of the parameters.
+      conv_weight_grad: how the convolutions' weight gradients are computed: 'auto',
+        'xla' or 'dilated' (`diffusion_jax.models.conv`; the same values, a faster
+        program on the CPU). 'auto' takes 'dilated' for float32 on the CPU backend.
     """
 
     ch: int = 128
@@ -361,6 +371,7 @@ class UNet(nn.Module):
     resamp_with_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_weight_grad: str = "auto"
 
     @nn.compact
     def __call__(
@@ -381,6 +392,8 @@ class UNet(nn.Module):
         """
         self._check_inputs(x, t, y)
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        conv_kwargs = dict(kwargs, conv_weight_grad=self.conv_weight_grad)
+        conv = dict(kwargs, weight_grad=self.conv_weight_grad)
         out_channels = self.out_channels or x.shape[-1]
 
         temb = timestep_embedding(t, self.ch)
@@ -394,10 +407,11 @@ class UNet(nn.Module):
             temb = temb + nn.Embed(self.num_classes, 4 * self.ch, name="class_embed", **kwargs)(y)
 
         def resnet_block(h, out_ch, name):
-            return ResnetBlock(out_ch, self.dropout, name=name, **kwargs)(h, temb, train=train)
+            return ResnetBlock(out_ch, self.dropout, name=name, **conv_kwargs)(
+                h, temb, train=train)
 
         # Downsampling: keep every intermediate output as a skip connection.
-        hs = [nn.Conv(self.ch, (3, 3), kernel_init=default_init(), name="conv_in", **kwargs)(x)]
+        hs = [Conv(self.ch, (3, 3), kernel_init=default_init(), name="conv_in", **conv)(x)]
         for level, mult in enumerate(self.ch_mult):
             for block in range(self.num_res_blocks):
                 h = resnet_block(hs[-1], self.ch * mult, f"down_{level}_block_{block}")
@@ -406,7 +420,7 @@ class UNet(nn.Module):
                 hs.append(h)
             if level != len(self.ch_mult) - 1:
                 name = f"down_{level}_downsample"
-                hs.append(Downsample(self.resamp_with_conv, name=name, **kwargs)(hs[-1]))
+                hs.append(Downsample(self.resamp_with_conv, name=name, **conv_kwargs)(hs[-1]))
 
         # Middle.
         h = hs[-1]
@@ -422,16 +436,17 @@ class UNet(nn.Module):
                 if h.shape[1] in self.attn_resolutions:
                     h = AttnBlock(name=f"up_{level}_attn_{block}", **kwargs)(h)
             if level != 0:
-                h = Upsample(self.resamp_with_conv, name=f"up_{level}_upsample", **kwargs)(h)
+                name = f"up_{level}_upsample"
+                h = Upsample(self.resamp_with_conv, name=name, **conv_kwargs)(h)
         assert not hs, "every skip connection must be consumed"
 
         h = nn.swish(_group_norm(self, "norm_out")(h))
-        h = nn.Conv(
+        h = Conv(
             out_channels,
             (3, 3),
             kernel_init=default_init(_ZERO_INIT_SCALE),
             name="conv_out",
-            **kwargs,
+            **conv,
         )(h)
         return h.astype(jnp.float32)
 

@@ -8,8 +8,10 @@ fails):
 - ``data``: see `diffusion_jax.data.pipeline` (name, split, data_dir, random_flip,
   image_size, resize, mock, mock_num_examples, prefetch).
 - ``model``: ``name`` ('unet' | 'mlp'); U-Net fields ch, ch_mult, num_res_blocks,
-  attn_resolutions, dropout, num_classes, dtype ('float32' | 'bfloat16' compute); MLP fields
-  features, activation, per_step_readout.
+  attn_resolutions, dropout, num_classes, dtype ('float32' | 'bfloat16' compute),
+  conv_weight_grad ('auto' | 'xla' | 'dilated': the program of the convolutions' weight
+  gradients, `diffusion_jax.models.conv`); MLP fields features, activation,
+  per_step_readout.
 - ``diffusion``: schedule ('linear' | 'cosine' | 'sohl_dickstein'), num_timesteps,
   mean_type, var_type, loss_type, decoder_type.
 - ``optim``: lr, warmup_steps, lr_schedule ('constant' | 'cosine': decay to
@@ -61,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dropout = 0.1
     c.model.num_classes = config_dict.placeholder(int)
     c.model.dtype = "float32"
+    c.model.conv_weight_grad = "auto"
     c.model.features = (128, 128, 128)
     c.model.activation = "swish"
     c.model.per_step_readout = False

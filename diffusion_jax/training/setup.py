@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import gaussian, losses, schedules
-from diffusion_jax.models import MLP, UNet
+from diffusion_jax.models import MLP, UNet, conv
 from diffusion_jax.sampling import SAMPLERS, SPACINGS
 from diffusion_jax.training.step import NAN_POLICIES
 
@@ -71,6 +71,8 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
     gaussian.check_choice("diffusion.decoder_type", d.decoder_type, losses.DECODER_TYPES)
     gaussian.check_choice("model.name", config.model.name, MODEL_NAMES)
     gaussian.check_choice("model.dtype", config.model.dtype, tuple(DTYPES))
+    gaussian.check_choice("model.conv_weight_grad", config.model.conv_weight_grad,
+                          conv.WEIGHT_GRADS)
     gaussian.check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
     gaussian.check_choice("sample.spacing", config.sample.spacing, SPACINGS)
     _require_positive_int("diffusion.num_timesteps", d.num_timesteps)
@@ -104,6 +106,7 @@ def create_model(config: ml_collections.ConfigDict, info) -> nn.Module:
             ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
             attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_channels=out,
             num_classes=num_classes, dtype=DTYPES[m.dtype],
+            conv_weight_grad=m.conv_weight_grad,
         )
     if info.kind != "vector":
         raise ValueError(
