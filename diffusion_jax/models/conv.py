@@ -26,8 +26,10 @@ batch 16) runs 4-6 % slower (19.3 to 18.1 and 24.9 to 23.8). The smaller network
 convolutions' sizes do not explain it: keeping only the convolutions with 4 GFLOP or more
 of weight gradient in the dilated form gave the CIFAR step nothing (3.8 and 4.2 images/s
 against XLA's 3.8 and 4.3), though they hold most of its weight-gradient work, so the
-whole-step effect does not follow the single kernels' figures and is not understood. For
-small networks on a CPU, ``'xla'`` is the faster choice.
+whole-step effect does not follow the single kernels' figures and is not understood. Size
+alone does not decide it either: the digits config's U-Net (8x8 images, ch 32, batch 64)
+trains faster in the dilated form (76 against 89 ms per step). Time both forms on the
+network at hand (``experiments/benchmark.py --conv-weight-grad``).
 """
 
 from __future__ import annotations
