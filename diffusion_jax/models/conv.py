@@ -22,12 +22,12 @@ XLA's CPU backend has no Eigen convolution in bfloat16.
 Measured on a 2-core x86 CPU (train steps, the two forms alternated in one process): the
 DDPM CIFAR U-Net at batch 32 runs 6-11 % faster in the dilated form (one device 3.7 to
 4.1 images/s; one device per core 3.8-4.1 to 4.1-4.4), while the 4.4M U-Net (ch 64,
-batch 16) runs 4-6 % slower (19.3 to 18.1 and 24.9 to 23.8). The smaller network's
-convolutions' sizes do not explain it: keeping only the convolutions with 4 GFLOP or more
-of weight gradient in the dilated form gave the CIFAR step nothing (3.8 and 4.2 images/s
+batch 16) runs 4-6 % slower (19.3 to 18.1 and 24.9 to 23.8). The sizes of the
+convolutions do not explain the difference: keeping only those with 4 GFLOP or more of
+weight gradient in the dilated form gave the CIFAR step nothing (3.8 and 4.2 images/s
 against XLA's 3.8 and 4.3), though they hold most of its weight-gradient work, so the
-whole-step effect does not follow the single kernels' figures and is not understood. Size
-alone does not decide it either: the digits config's U-Net (8x8 images, ch 32, batch 64)
+whole-step effect does not follow the single kernels' figures and is not understood; and
+the digits config's U-Net, smaller still (8x8 images, ch 32, batch 64),
 trains faster in the dilated form (76 against 89 ms per step). Time both forms on the
 network at hand (``experiments/benchmark.py --conv-weight-grad``).
 """
