@@ -624,9 +624,9 @@ def conv_shapes(model: str) -> list[tuple[int, int, int]]:
 
 
 def conv3x3(x, w):
-    """The bare convolution of the conv case: 3x3, stride 1, SAME padding, NHWC / HWIO."""
-    return jax.lax.conv_general_dilated(
-        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    """The bare convolution of the conv case: 3x3, stride 1, SAME padding, NHWC / HWIO,
+    differentiated as XLA does it."""
+    return conv_lib.conv2d(x, w, weight_grad="xla")
 
 
 def conv_kernels() -> dict[str, Callable]:

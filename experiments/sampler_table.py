@@ -94,10 +94,10 @@ exact eps (another x_T: 2M -0.323 at 20 steps, -0.309 at 200), neither the third
 multistep update (DPM-Solver++(3M): -0.697 at 20 steps) nor the Taylor form of the 2M
 update (-0.336) is closer. A time embedding smooth in t (sinusoids of pi k t / T,
 k = 1..32, instead of DDPM's frequencies up to one per step) moves which seed fails
-rather than fixing it: at 20 steps -13.5 %, -3.9 % and -0.5 % (seeds 0, 1, 2). Coarse steps in t = 30-120, where the components separate,
-strand the samples (coarse there and fine elsewhere: 0.100 % off the modes against 0.030 %
-all fine), while coarse steps below t = 30 spread the rest (-0.416 nats); on the
-time-quadratic grid the two partly cancel.
+rather than fixing it: at 20 steps -13.5 %, -3.9 % and -0.5 % (seeds 0, 1, 2). Coarse
+steps in t = 30-120, where the components separate, strand the samples (coarse there and
+fine elsewhere: 0.100 % off the modes against 0.030 % all fine), while coarse steps below
+t = 30 spread the rest (-0.416 nats); on the time-quadratic grid the two partly cancel.
 
 Scale: the percentage depends on the units the data are measured in. Expressing the same
 samples in units ten times smaller (radius 14, std 1) subtracts 2 ln 10 = 4.6 nats from

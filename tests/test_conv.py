@@ -156,13 +156,13 @@ def test_unet_gradients_are_the_same_in_either_form():
     loss_xla, grads_xla = loss_and_grad(models["xla"])
     loss_dilated, grads_dilated = loss_and_grad(models["dilated"])
     np.testing.assert_allclose(loss_dilated, loss_xla, rtol=1e-6)
-    for path, a in jax.tree_util.tree_leaves_with_path(grads_xla):
-        b = grads_dilated
-        for key in path:
-            b = b[key.key]
+
+    def check(path, a, b):
         scale = float(jnp.max(jnp.abs(a))) + 1e-12
         np.testing.assert_allclose(b / scale, a / scale, atol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))
+
+    jax.tree_util.tree_map_with_path(check, grads_xla, grads_dilated)
 
 
 def test_unet_refuses_an_unknown_form():
