@@ -1,8 +1,10 @@
 """Samplers compared on a 2-D Gaussian mixture whose density is known.
 
-Trains a time-conditioned MLP (4 blocks of width 256, 0.54M parameters) on the
-8-component ring mixture of `diffusion_jax.data.toy` (radius 1.4, component std 0.1) with
-improved DDPM's L_hybrid (eps prediction with L_simple, learned_range log-variances with
+Trains a time-conditioned MLP (4 blocks of width 256, 0.54M parameters) on a ring of 8
+equal 2-D Gaussians (``--data``: 'ring8', FFJORD's "8gaussians" halved, radius sqrt 2 and
+component std sqrt 2 / 8 = 0.177, about unit variance per coordinate; or 'ring8_sharp',
+radius 1.4 and std 0.1, `diffusion_jax.data.toy`'s default mixture) with improved DDPM's
+L_hybrid (eps prediction with L_simple, learned_range log-variances with
 the bound term; linear schedule, T = 1000), then samples from the same x_T with
 
 - ancestral sampling over all T = 1000 steps with the model's learned variances (the
@@ -25,88 +27,25 @@ centre; the mixture itself puts exp(-8) = 0.034 % there), and the sliced Wassers
 distance to a fresh data sample of the same size (256 random directions; the data-vs-data
 row is the Monte Carlo floor). Writes markdown tables, a JSON file and a scatter plot to
 ``--outdir``. ``--rows=reference_and_dpm`` runs only the reference chain and DPM-Solver++
-(the seed study below).
+(the seed study in the results' README).
 
-Command, from the repository root (or after ``pip install -e .``); about 25 minutes on
-2 CPU cores (three 1000-step ancestral chains of 50,000 samples take 16 of them):
+Command, from the repository root (or after ``pip install -e .``); about 30 minutes on
+2 CPU cores (three 1000-step ancestral chains of 50,000 samples take 18 of them):
 
     PYTHONPATH=. python experiments/sampler_table.py --outdir=/tmp/sampler_table
 
-Measured (seed 0, CPU, 50,000 samples per row; the full tables, JSON and plot of this run
-are in ``experiments/sampler_results/``; mean log p in nats, s.e. about 0.005; the
-data's own average -0.309, sliced W1 floor 0.0055):
+Measured (CPU, 50,000 samples per row; tables, plots and the reading of them in
+``experiments/sampler_results/README.md``): DPM-Solver++(2M) at 20 steps on its
+time-quadratic grid against the 1000-step chain with learned variances, relative
+difference of the mean true log p (and in nats; s.e. about 0.005 nats):
 
-    sampler, evals                     trained MLP: log p, vs ref., off modes  exact: log p
-    ancestral, learned var, 1000       -0.309  (ref.)      0.124 %      -
-    ancestral, beta-tilde var, 1000    -0.246  +20.4 %     0.110 %      -0.242 (ref.)
-    ancestral, beta var, 1000          -0.331   -6.9 %     0.144 %      -0.329
-    DDIM, 20                           -0.430  -39.0 %     3.662 %      -0.436
-    DDIM, 50                           -0.161  +48.0 %     0.746 %      -0.137
-    DPM-Solver++, log-SNR, 20          -0.402  -30.0 %     0.770 %      -0.390
-    DPM-Solver++, log-SNR, 50          -0.316   -2.1 %     0.290 %      -0.330
-    DPM-Solver++, time-quadratic, 20   -0.320   -3.6 %     0.386 %      -0.323
-    DPM-Solver++, time-quadratic, 50   -0.295   +4.5 %     0.270 %      -0.323
-    DPM-Solver++, 200 (either grid)    -0.287   +7.2 %     0.168 %      -0.309
-    (data: -0.309, off modes 0.046 %; sliced W1 of every row in the full table)
+    data           seed 0            seed 1            seed 2
+    ring8          -0.2 % (-0.003)   +0.9 % (+0.012)   -0.1 % (+0.001)    of -1.46 to -1.48
+    ring8_sharp    -3.6 % (-0.011)   -2.3 % (-0.007)   -10.2 % (-0.034)   of -0.31 to -0.34
 
-Two more training seeds (``--seed=1 --rows=reference_and_dpm``, then ``--seed=2``):
-DPM-Solver++ on the time-quadratic grid at 20 steps -2.3 % (seed 1: -0.342 against the
-chain's -0.335) and -10.2 % (seed 2: -0.365 against -0.331); at 50 steps -1.8 % and
--5.3 %; on the log-SNR grid at 20 steps -35.6 % and -34.0 %.
-
-Reading it: the chain with learned variances matches the data (-0.309 against -0.309);
-beta-tilde variances are too small for data this sharp and concentrate the samples (+0.06
-nats even with the exact eps), beta variances spread them. DPM-Solver++(2M) at 20 steps on
-its time-quadratic grid comes within 5 % of the learned-variance chain on two of three
-training seeds (-3.6 %, -2.3 %) but not on the third (-10.2 %): the 5 % goal is NOT
-met for every training run. On the log-SNR grid it is far off (-30 % and worse): that grid
-spends its points at high noise, while data this sharp need them near t = 0.
-
-Where the 20-step gap comes from: samples stranded between the modes. Each has a log p
-below about -8 nats, so a few tenths of a percent of them move the mean by more than the
-5 % allowance (0.015 nats here), while the rest are, if anything, concentrated (seed 0:
-median +0.023 against the chain's -0.003). The 20-step solve leaves 0.386 % of its samples
-off the modes (seed 0; 0.482 % seed 1, 0.520 % seed 2) against 0.12-0.23 % for the
-chains and the 200-step solves of the same networks; with the exact eps, 0.124 % at 20
-steps against 0.030 % at 200. So the solver's own 20-step error spreads samples (0.014
-nats with the exact eps: -0.323 against -0.309), and 2.4-2.9 times more with a trained
-network (0.033 nats seed 0, 0.040 nats seed 2); the seeds differ mainly in where their
-ODE lies (seed 0 +7 %, concentrated, which offsets the solver's error; seed 2 +2.0 %).
-Swapping in the exact eps below and above a step (3x128 network) put nearly all of the
-network's share at t < 100, where it must resolve the mixture's 0.1-wide components.
-With the exact eps the error does not shrink steadily with the step count (another x_T:
-20 steps -0.317, 30 -0.344, 50 -0.317, 100 -0.305, 200 -0.303; the same on an unrounded
-continuous-time grid), so at 20 steps errors partly cancel, and 5 % is about the solver's
-error even for a perfect network.
-
-Tried on seed 2 without success (prototypes, not kept): a 4x256 network instead of 3x128
-(same 20-step error), EMA 0.9999 (-0.377 at 20 steps), sampling t < 100 more often in
-training, Fourier features of x (-0.402), conditioning on the log-SNR instead of t (-0.349
-at 20 steps, -1.6 % from its own chain, but that chain lies 0.013 nats below the
-t-conditioned network's: a different, not a better, model), the cosine schedule (the
-time-quadratic solve diverges: x0 = (x - sigma eps) / alpha as alpha -> 0 near t = T),
-first-order final steps (they concentrate instead of spreading: exact eps -0.262 with one),
-Karras and t^3 grids, predicting v instead of eps (-0.377 at 20 steps against its
-chain's -0.329, -14.5 %; its 200-step solve -0.335: the same 0.04-nat solver error), and
-training four times as long (80,000 steps: the chain -0.316, nearer the data; its 200-step
-solve -0.5 % from it, 20 steps still -9.2 %, -0.345, 0.360 % off the modes). With the
-exact eps (another x_T: 2M -0.323 at 20 steps, -0.309 at 200), neither the third-order
-multistep update (DPM-Solver++(3M): -0.697 at 20 steps) nor the Taylor form of the 2M
-update (-0.336) is closer. A time embedding smooth in t (sinusoids of pi k t / T,
-k = 1..32, instead of DDPM's frequencies up to one per step) moves which seed fails
-rather than fixing it: at 20 steps -13.5 %, -3.9 % and -0.5 % (seeds 0, 1, 2). Coarse
-steps in t = 30-120, where the components separate, strand the samples (coarse there and
-fine elsewhere: 0.100 % off the modes against 0.030 % all fine), while coarse steps below
-t = 30 spread the rest (-0.416 nats); on the time-quadratic grid the two partly cancel.
-
-Scale: the percentage depends on the units the data are measured in. Expressing the same
-samples in units ten times smaller (radius 14, std 1) subtracts 2 ln 10 = 4.6 nats from
-every log p: every difference in nats stays as it is, while 5 % of the chain's mean grows
-from 0.015 to 0.25 nats. The differences in nats are the unit-free figure: 20 steps
-against the chain, -0.011 (seed 0), -0.007 (seed 1), -0.034 (seed 2).
-
-DDIM's few-step error concentrates samples on the modes, which raises the mean log p (DDIM
-50 above the data) while the median, the off-mode share and W1 show it is not a better fit.
+On the sharper ring the 5 % allowance is 0.015 nats, about the 20-step solver's own error
+with the exact eps (0.014 nats), and one training seed of three misses it; there, samples
+stranded between the modes (log p below -8 nats each) decide the mean.
 """
 
 from __future__ import annotations
@@ -129,6 +68,14 @@ from diffusion_jax.data import toy
 
 STEP_COUNTS = (10, 20, 50)
 OFF_MODE_STDS = 4.0
+# Equal-weight 2-D Gaussians on a circle: (components, radius, component std).
+# 'ring8': FFJORD's "8gaussians" (radius 4 / sqrt 2, std 0.5 / sqrt 2) halved, to about
+# unit variance per coordinate; 'ring8_sharp': radius 1.4, std 0.1 (std / radius 1/14
+# against 1/8), diffusion_jax.data.toy's default mixture.
+DATASETS = {
+    "ring8": (8, math.sqrt(2.0), math.sqrt(2.0) / 8.0),
+    "ring8_sharp": (8, 1.4, 0.1),
+}
 
 
 class TimeMLP(nn.Module):
@@ -346,6 +293,10 @@ def scatter(path, panel_rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--outdir", required=True)
+    parser.add_argument(
+        "--data", choices=tuple(DATASETS), default="ring8",
+        help="the mixture: FFJORD's 8 Gaussians scaled to unit variance, or a sharper ring",
+    )
     parser.add_argument("--train_steps", type=int, default=20_000)
     parser.add_argument("--hidden", type=int, default=256, help="MLP width")
     parser.add_argument("--depth", type=int, default=4, help="MLP hidden blocks")
@@ -363,7 +314,7 @@ def main():
     outdir = pathlib.Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
 
-    mixture = toy.ring_mixture()
+    mixture = toy.ring_mixture(*DATASETS[args.data])
     schedule = schedules.get_schedule("linear", args.num_timesteps)
     print(f"device: {jax.devices()[0].device_kind}", flush=True)
     exact = Partial(
@@ -384,7 +335,8 @@ def main():
         summary[label] = [{k: v for k, v in row.items() if k != "x"} for row in rows]
         panel_rows.append((label, [r for r in rows if r["steps"] in (0, 20, 1000)]))
     header = (
-        f"Ring mixture (8 x N(., 0.1^2 I), radius 1.4); linear schedule T = "
+        f"{args.data}: ring mixture ({len(mixture.weights)} x N(., {mixture.stds[0]:.4g}^2 I), "
+        f"radius {np.linalg.norm(mixture.means[0]):.4g}); linear schedule T = "
         f"{args.num_timesteps}; eps-MLP ({args.depth} blocks of width {args.hidden}) trained "
         f"{args.train_steps} steps (batch "
         f"{args.batch_size}); {args.num_samples} samples per row; seed {args.seed}; "

@@ -79,12 +79,43 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
 
 def test_sampler_table_reference_and_dpm_rows(tmp_path):
     """--rows=reference_and_dpm (the seed study): the data, the reference chain and
-    DPM-Solver++'s rows, nothing else."""
-    run_script(tmp_path, "--rows=reference_and_dpm")
+    DPM-Solver++'s rows, nothing else; --data=ring8_sharp scores against that mixture."""
+    run_script(tmp_path, "--rows=reference_and_dpm", "--data=ring8_sharp")
     summary = json.loads((tmp_path / "sampler_table.json").read_text())
     for label, first in REFERENCE.items():
         got = [(r["sampler"], r["steps"]) for r in summary[label]]
         assert got == [("data (fresh sample)", 0), (first, 200)] + DPM_ROWS, got
+    header = (tmp_path / "sampler_table.md").read_text().splitlines()[0]
+    assert header.startswith("ring8_sharp: ring mixture (8 x N(., 0.1^2 I), radius 1.4);"), header
+    # The data row's mean log p is that of the sharp ring's own samples (about -0.31 nats;
+    # the default ring8's is about -1.44), to a few standard errors at 400 samples.
+    data_row = summary["exact eps"][0]
+    assert abs(data_row["mean_logp"] + 0.31) < 5 * data_row["se_logp"], data_row
+
+
+def test_sampler_table_rejects_an_unknown_data_set(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), f"--outdir={tmp_path / 'out'}", "--data=moons"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "invalid choice: 'moons'" in proc.stderr and "ring8_sharp" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written before the arguments are checked
+
+
+def test_default_data_set_is_ffjords_eight_gaussians_halved():
+    """ring8: FFJORD's 8gaussians (centres 4 (cos, sin)(k pi / 4), std 0.5, all divided by
+    sqrt 2) divided by 2, about unit variance per coordinate."""
+    from diffusion_jax.data import toy
+
+    mixture = toy.ring_mixture(*load_script().DATASETS["ring8"])
+    angles = np.arange(8) * np.pi / 4
+    ffjord_means = 4.0 * np.stack([np.cos(angles), np.sin(angles)], -1) / np.sqrt(2.0)
+    np.testing.assert_allclose(mixture.means, ffjord_means / 2.0, atol=1e-12)
+    np.testing.assert_allclose(mixture.stds, 0.5 / np.sqrt(2.0) / 2.0)
+    variance = np.mean(mixture.means**2, axis=0) + mixture.stds[0] ** 2
+    np.testing.assert_allclose(variance, 1.03125, rtol=1e-12)
 
 
 def test_off_modes_counts_points_beyond_four_stds_of_every_centre():
