@@ -26,7 +26,7 @@ median, the share of samples off the modes (farther than 4 component stds from e
 centre; the mixture itself puts exp(-8) = 0.034 % there), and the sliced Wasserstein-1
 distance to a fresh data sample of the same size (256 random directions; the data-vs-data
 row is the Monte Carlo floor). Writes markdown tables, a JSON file and a scatter plot to
-``--outdir``. ``--rows=reference_and_dpm`` runs only the reference chain and DPM-Solver++
+``--outdir`` (an earlier run's are replaced only with ``--overwrite``). ``--rows=reference_and_dpm`` runs only the reference chain and DPM-Solver++
 (the seed study in the results' README).
 
 Command, from the repository root (or after ``pip install -e .``); about 30 minutes on
@@ -68,6 +68,7 @@ from diffusion_jax.data import toy
 
 STEP_COUNTS = (10, 20, 50)
 OFF_MODE_STDS = 4.0
+OUTPUTS = ("sampler_table.md", "sampler_table.json", "samples.png")
 # Equal-weight 2-D Gaussians on a circle: (components, radius, component std).
 # 'ring8': FFJORD's "8gaussians" (radius 4 / sqrt 2, std 0.5 / sqrt 2) halved, to about
 # unit variance per coordinate; 'ring8_sharp': radius 1.4, std 0.1 (std / radius 1/14
@@ -310,8 +311,18 @@ def main():
         "--rows", choices=("all", "reference_and_dpm"), default="all",
         help="'reference_and_dpm': only the reference chain and DPM-Solver++ (the seed study)",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace the table, JSON and plot of an earlier run in --outdir",
+    )
     args = parser.parse_args()
     outdir = pathlib.Path(args.outdir)
+    earlier = [name for name in OUTPUTS if (outdir / name).exists()]
+    if earlier and not args.overwrite:
+        parser.error(
+            f"{outdir} already holds {', '.join(earlier)} of an earlier run; choose another "
+            "--outdir or pass --overwrite to replace them."
+        )
     outdir.mkdir(parents=True, exist_ok=True)
 
     mixture = toy.ring_mixture(*DATASETS[args.data])

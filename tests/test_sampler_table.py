@@ -42,9 +42,12 @@ def run_script(outdir, *extra):
 
 
 def test_sampler_table_runs_at_toy_size(tmp_path):
-    run_script(tmp_path)
+    (tmp_path / "samples.png").write_bytes(b"an earlier run's plot")
+    run_script(tmp_path, "--overwrite")
     for name in ("sampler_table.md", "sampler_table.json", "samples.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    # --overwrite replaced the earlier plot with this run's.
+    assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / "sampler_table.json").read_text())
     assert sorted(summary) == ["exact eps", "trained MLP"]
 
@@ -93,15 +96,28 @@ def test_sampler_table_reference_and_dpm_rows(tmp_path):
     assert abs(data_row["mean_logp"] + 0.31) < 5 * data_row["se_logp"], data_row
 
 
-def test_sampler_table_rejects_an_unknown_data_set(tmp_path):
+def run_bad_arguments(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), f"--outdir={tmp_path / 'out'}", "--data=moons"],
+        [sys.executable, str(SCRIPT), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode == 2, proc.stderr
-    assert "invalid choice: 'moons'" in proc.stderr and "ring8_sharp" in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr  # argparse's usage error, before any work
+    return proc.stderr
+
+
+def test_sampler_table_rejects_an_unknown_data_set(tmp_path):
+    stderr = run_bad_arguments(f"--outdir={tmp_path / 'out'}", "--data=moons")
+    assert "invalid choice: 'moons'" in stderr and "ring8_sharp" in stderr, stderr
     assert not (tmp_path / "out").exists()  # nothing written before the arguments are checked
+
+
+def test_sampler_table_keeps_an_earlier_runs_outputs(tmp_path):
+    (tmp_path / "sampler_table.md").write_text("an earlier run")
+    stderr = run_bad_arguments(f"--outdir={tmp_path}")
+    assert "already holds sampler_table.md" in stderr and "--overwrite" in stderr, stderr
+    assert (tmp_path / "sampler_table.md").read_text() == "an earlier run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sampler_table.md"]
 
 
 def test_default_data_set_is_ffjords_eight_gaussians_halved():
