@@ -26,8 +26,9 @@ median, the share of samples off the modes (farther than 4 component stds from e
 centre; the mixture itself puts exp(-8) = 0.034 % there), and the sliced Wasserstein-1
 distance to a fresh data sample of the same size (256 random directions; the data-vs-data
 row is the Monte Carlo floor). Writes markdown tables, a JSON file and a scatter plot to
-``--outdir`` (an earlier run's are replaced only with ``--overwrite``). ``--rows=reference_and_dpm`` runs only the reference chain and DPM-Solver++
-(the seed study in the results' README).
+``--outdir`` (an earlier run's are replaced only with ``--overwrite``).
+``--rows=reference_and_dpm`` runs only the reference chain and DPM-Solver++ (the seed
+study in the results' README).
 
 Command, from the repository root (or after ``pip install -e .``); about 30 minutes on
 2 CPU cores (three 1000-step ancestral chains of 50,000 samples take 18 of them):
@@ -40,7 +41,7 @@ time-quadratic grid against the 1000-step chain with learned variances, relative
 difference of the mean true log p (and in nats; s.e. about 0.005 nats):
 
     data           seed 0            seed 1            seed 2
-    ring8          -0.2 % (-0.003)   +0.9 % (+0.012)   -0.1 % (+0.001)    of -1.46 to -1.48
+    ring8          -0.2 % (-0.003)   +0.9 % (+0.012)   -0.1 % (-0.001)    of -1.46 to -1.48
     ring8_sharp    -3.6 % (-0.011)   -2.3 % (-0.007)   -10.2 % (-0.034)   of -0.31 to -0.34
 
 On the sharper ring the 5 % allowance is 0.015 nats, about the 20-step solver's own error
@@ -70,9 +71,9 @@ STEP_COUNTS = (10, 20, 50)
 OFF_MODE_STDS = 4.0
 OUTPUTS = ("sampler_table.md", "sampler_table.json", "samples.png")
 # Equal-weight 2-D Gaussians on a circle: (components, radius, component std).
-# 'ring8': FFJORD's "8gaussians" (radius 4 / sqrt 2, std 0.5 / sqrt 2) halved, to about
-# unit variance per coordinate; 'ring8_sharp': radius 1.4, std 0.1 (std / radius 1/14
-# against 1/8), diffusion_jax.data.toy's default mixture.
+# 'ring8': FFJORD's "8gaussians" (radius 4 and std 0.5, divided by 1.414 there and by
+# sqrt 2 here) halved, to about unit variance per coordinate; 'ring8_sharp': radius 1.4,
+# std 0.1 (std / radius 1/14 against 1/8), diffusion_jax.data.toy's default mixture.
 DATASETS = {
     "ring8": (8, math.sqrt(2.0), math.sqrt(2.0) / 8.0),
     "ring8_sharp": (8, 1.4, 0.1),

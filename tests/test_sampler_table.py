@@ -2,7 +2,7 @@
 plot, scores every sampler for both models, and with the exact eps of the mixture the
 probability-flow ODE solved finely reproduces the data's average log-density.
 
-The full-size figures belong to the script (25 minutes); this only guards it from rot."""
+The full-size figures belong to the script (30 minutes); this only guards it from rot."""
 
 import importlib.util
 import json
@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "sampler_table.py"
@@ -50,6 +51,8 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / "sampler_table.json").read_text())
     assert sorted(summary) == ["exact eps", "trained MLP"]
+    header = (tmp_path / "sampler_table.md").read_text().splitlines()[0]
+    assert header.startswith("ring8: ring mixture (8 x N(., 0.1768^2 I), radius 1.414);"), header
 
     want = [("DDIM", n) for n in (10, 20, 50)] + DPM_ROWS
     for label, first in REFERENCE.items():
@@ -112,12 +115,16 @@ def test_sampler_table_rejects_an_unknown_data_set(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written before the arguments are checked
 
 
-def test_sampler_table_keeps_an_earlier_runs_outputs(tmp_path):
-    (tmp_path / "sampler_table.md").write_text("an earlier run")
-    stderr = run_bad_arguments(f"--outdir={tmp_path}")
-    assert "already holds sampler_table.md" in stderr and "--overwrite" in stderr, stderr
-    assert (tmp_path / "sampler_table.md").read_text() == "an earlier run"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sampler_table.md"]
+@pytest.mark.parametrize("name", ["sampler_table.md", "sampler_table.json", "samples.png"])
+def test_sampler_table_keeps_an_earlier_runs_outputs(tmp_path, name):
+    (tmp_path / name).write_text("an earlier run")
+    # Toy sizes: were the guard broken, the run would end in seconds and fail below.
+    stderr = run_bad_arguments(
+        f"--outdir={tmp_path}", "--train_steps=2", "--num_samples=8", "--num_timesteps=20",
+        "--hidden=4", "--depth=1", "--batch_size=4", "--rows=reference_and_dpm")
+    assert f"already holds {name}" in stderr and "--overwrite" in stderr, stderr
+    assert (tmp_path / name).read_text() == "an earlier run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
 def test_default_data_set_is_ffjords_eight_gaussians_halved():
@@ -126,10 +133,13 @@ def test_default_data_set_is_ffjords_eight_gaussians_halved():
     from diffusion_jax.data import toy
 
     mixture = toy.ring_mixture(*load_script().DATASETS["ring8"])
-    angles = np.arange(8) * np.pi / 4
-    ffjord_means = 4.0 * np.stack([np.cos(angles), np.sin(angles)], -1) / np.sqrt(2.0)
-    np.testing.assert_allclose(mixture.means, ffjord_means / 2.0, atol=1e-12)
-    np.testing.assert_allclose(mixture.stds, 0.5 / np.sqrt(2.0) / 2.0)
+    # FFJORD's centres: (+-1, 0), (0, +-1) and (+-1, +-1) / sqrt 2, times 4; then the data
+    # / 1.414 (here / sqrt 2: 1.5e-4 apart).
+    s = 1.0 / np.sqrt(2.0)
+    centres = 4.0 * np.array([(1, 0), (s, s), (0, 1), (-s, s), (-1, 0), (-s, -s), (0, -1),
+                              (s, -s)])
+    np.testing.assert_allclose(mixture.means, centres / 1.414 / 2.0, rtol=2e-4, atol=1e-12)
+    np.testing.assert_allclose(mixture.stds, 0.5 / 1.414 / 2.0, rtol=2e-4)
     variance = np.mean(mixture.means**2, axis=0) + mixture.stds[0] ** 2
     np.testing.assert_allclose(variance, 1.03125, rtol=1e-12)
 
