@@ -833,6 +833,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="benchmark.json", help="where to write the JSON")
     p.add_argument("--markdown", default=None, help="also write the cases as a markdown table")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out / --markdown file (else the run refuses "
+                        "to start)")
     p.add_argument("--cases", default=",".join(ALL_CASES), help=f"any of {ALL_CASES}")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: a micro U-Net, tiny batches, T = 50 (no real figures)")
@@ -878,6 +881,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a Python with torch and diffusers: run experiments/benchmark_torch.py "
                         "on the same train cases first, side by side in this run")
     args = p.parse_args(argv)
+    existing = [path for path in (args.out, args.markdown)
+                if path is not None and os.path.exists(path)]
+    if existing and not args.overwrite:
+        p.error(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''} "
+                "(an earlier run's results?); choose another --out / --markdown or pass "
+                "--overwrite to replace them")
     unknown = set(args.cases.split(",")) - set(ALL_CASES)
     if unknown:
         p.error(f"unknown cases {sorted(unknown)}; valid: {ALL_CASES}")

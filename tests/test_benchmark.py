@@ -30,6 +30,14 @@ def _load_benchmark():
     return module
 
 
+@pytest.fixture(autouse=True)
+def _in_a_fresh_directory(tmp_path, monkeypatch):
+    """parse_args refuses an existing --out (default benchmark.json in the working
+    directory): a benchmark.json left in the checkout by a real run must not fail tests
+    that parse arguments without --out."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "quick.json"
@@ -555,3 +563,22 @@ def test_profile_of_a_data_parallel_step_counts_every_device_and_the_all_reduce(
     assert kinds["conv forward"]["gflop"] * 1e9 == pytest.approx(conv_flops)
     assert kinds["conv weight grad"]["gflop"] * 1e9 == pytest.approx(conv_flops)
     assert kinds["collective"]["ops"] >= 2
+
+
+@pytest.mark.parametrize("flag", ["--out", "--markdown"])
+def test_existing_outputs_are_kept_unless_overwrite(flag, tmp_path, capsys):
+    """A finished run's JSON or table is not replaced by the next run unless asked: the
+    refusal comes from the argument parser, before any case runs."""
+    bench = _load_benchmark()
+    earlier = tmp_path / "earlier"
+    earlier.write_text("an earlier run")
+    argv = [f"--out={tmp_path / 'new.json'}", f"{flag}={earlier}"]
+    if flag == "--out":
+        argv = [f"--out={earlier}"]
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{earlier} already exists" in err and "--overwrite" in err, err
+    assert earlier.read_text() == "an earlier run"
+    assert bench.parse_args([*argv, "--overwrite"]).overwrite
