@@ -572,9 +572,8 @@ def test_existing_outputs_are_kept_unless_overwrite(flag, tmp_path, capsys):
     bench = _load_benchmark()
     earlier = tmp_path / "earlier"
     earlier.write_text("an earlier run")
-    argv = [f"--out={tmp_path / 'new.json'}", f"{flag}={earlier}"]
-    if flag == "--out":
-        argv = [f"--out={earlier}"]
+    argv = ([f"--out={earlier}"] if flag == "--out"
+            else [f"--out={tmp_path / 'new.json'}", f"--markdown={earlier}"])
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(argv)
     assert exc.value.code == 2
