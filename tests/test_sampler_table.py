@@ -19,6 +19,7 @@ SCRIPT = ROOT / "experiments" / "sampler_table.py"
 NUM_SAMPLES = 400
 DPM_ROWS = [(f"DPM-Solver++(2M), {grid}", n)
             for grid in ("logsnr", "time_quadratic") for n in (10, 20, 50, 200)]
+OUTPUTS = ["sampler_table.md", "sampler_table.json", "samples.png"]
 REFERENCE = {"trained MLP": "ancestral (learned var)", "exact eps": "ancestral (beta-tilde var)"}
 
 
@@ -30,22 +31,24 @@ def load_script():
     return module
 
 
-def run_script(outdir, *extra):
+def _run(*args, timeout):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device: the script does not shard
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), f"--outdir={outdir}", "--train_steps=20",
-         f"--num_samples={NUM_SAMPLES}", "--num_timesteps=200", "--hidden=16", "--depth=1",
-         "--batch_size=32", *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_script(outdir, *extra):
+    proc = _run(f"--outdir={outdir}", "--train_steps=20", f"--num_samples={NUM_SAMPLES}",
+                "--num_timesteps=200", "--hidden=16", "--depth=1", "--batch_size=32", *extra,
+                timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def test_sampler_table_runs_at_toy_size(tmp_path):
     (tmp_path / "samples.png").write_bytes(b"an earlier run's plot")
     run_script(tmp_path, "--overwrite")
-    for name in ("sampler_table.md", "sampler_table.json", "samples.png"):
+    for name in OUTPUTS:
         assert (tmp_path / name).stat().st_size > 0, name
     # --overwrite replaced the earlier plot with this run's.
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -100,11 +103,7 @@ def test_sampler_table_reference_and_dpm_rows(tmp_path):
 
 
 def run_bad_arguments(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
+    proc = _run(*args, timeout=120)
     assert proc.returncode == 2, proc.stderr  # argparse's usage error, before any work
     return proc.stderr
 
@@ -115,7 +114,7 @@ def test_sampler_table_rejects_an_unknown_data_set(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written before the arguments are checked
 
 
-@pytest.mark.parametrize("name", ["sampler_table.md", "sampler_table.json", "samples.png"])
+@pytest.mark.parametrize("name", OUTPUTS)
 def test_sampler_table_keeps_an_earlier_runs_outputs(tmp_path, name):
     (tmp_path / name).write_text("an earlier run")
     # Toy sizes: were the guard broken, the run would end in seconds and fail below.
