@@ -8,14 +8,20 @@
 - :func:`timestep_embedding`: DDPM's sinusoidal embedding of the step ``t``.
 - :class:`Conv` / :func:`conv2d`: an NHWC convolution whose weight gradient can take a
   form faster on the CPU (`diffusion_jax.models.conv`; the U-Net's convolutions).
+- :class:`Dropout`: ``nn.Dropout`` with its mask from a counter-based hash, far cheaper
+  than threefry on the CPU (`diffusion_jax.models.dropout`; the U-Net's dropout).
 
 The models know nothing of schedules or losses: they map ``(x_t, t)`` to an array.
 """
 
-from diffusion_jax.models import conv
+from diffusion_jax.models import conv, dropout
 from diffusion_jax.models.conv import Conv, conv2d
+from diffusion_jax.models.dropout import Dropout
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.rbf import NormalizedRBF
 from diffusion_jax.models.unet import UNet, timestep_embedding
 
-__all__ = ["Conv", "MLP", "NormalizedRBF", "UNet", "conv", "conv2d", "timestep_embedding"]
+__all__ = [
+    "Conv", "Dropout", "MLP", "NormalizedRBF", "UNet", "conv", "conv2d", "dropout",
+    "timestep_embedding",
+]

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.conv import Conv, conv2d
+from diffusion_jax.models.dropout import Dropout
 
 Dtype = Any
 
@@ -92,6 +93,7 @@ class ResnetBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv_weight_grad: str = "auto"
+    dropout_rng: str = "hash"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
@@ -102,7 +104,7 @@ class ResnetBlock(nn.Module):
         temb_proj = nn.Dense(self.out_ch, kernel_init=default_init(), name="temb_proj", **dense)
         h = h + temb_proj(nn.swish(temb))[:, None, None, :]
         h = nn.swish(_group_norm(self, "norm2")(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = Dropout(self.dropout, deterministic=not train, rng=self.dropout_rng)(h)
         h = Conv(
             self.out_ch, (3, 3), kernel_init=default_init(_ZERO_INIT_SCALE), name="conv2", **conv
         )(h)
@@ -359,6 +361,9 @@ class UNet(nn.Module):
       conv_weight_grad: how the convolutions' weight gradients are computed: 'auto',
         'xla' or 'dilated' (`diffusion_jax.models.conv`; the same values, a faster
         program on the CPU). 'auto' takes 'dilated' for float32 on the CPU backend.
+      dropout_rng: how the dropout masks are drawn: 'hash' (a counter-based hash, fast
+        on every backend) or 'jax' (``jax.random.bernoulli``, flax's ``nn.Dropout``);
+        see `diffusion_jax.models.dropout`.
     """
 
     ch: int = 128
@@ -372,6 +377,7 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv_weight_grad: str = "auto"
+    dropout_rng: str = "hash"
 
     @nn.compact
     def __call__(
@@ -407,7 +413,8 @@ class UNet(nn.Module):
             temb = temb + nn.Embed(self.num_classes, 4 * self.ch, name="class_embed", **kwargs)(y)
 
         def resnet_block(h, out_ch, name):
-            return ResnetBlock(out_ch, self.dropout, name=name, **conv_kwargs)(
+            return ResnetBlock(out_ch, self.dropout, dropout_rng=self.dropout_rng, name=name,
+                               **conv_kwargs)(
                 h, temb, train=train)
 
         # Downsampling: keep every intermediate output as a skip connection.

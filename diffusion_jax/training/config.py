@@ -10,7 +10,8 @@ fails):
 - ``model``: ``name`` ('unet' | 'mlp'); U-Net fields ch, ch_mult, num_res_blocks,
   attn_resolutions, dropout, num_classes, dtype ('float32' | 'bfloat16' compute),
   conv_weight_grad ('auto' | 'xla' | 'dilated': the program of the convolutions' weight
-  gradients, `diffusion_jax.models.conv`); MLP fields features, activation,
+  gradients, `diffusion_jax.models.conv`), dropout_rng ('hash' | 'jax': how dropout
+  masks are drawn, `diffusion_jax.models.dropout`); MLP fields features, activation,
   per_step_readout.
 - ``diffusion``: schedule ('linear' | 'cosine' | 'sohl_dickstein'), num_timesteps,
   mean_type, var_type, loss_type, decoder_type.
@@ -61,6 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.num_res_blocks = 2
     c.model.attn_resolutions = (16,)
     c.model.dropout = 0.1
+    c.model.dropout_rng = "hash"
     c.model.num_classes = config_dict.placeholder(int)
     c.model.dtype = "float32"
     c.model.conv_weight_grad = "auto"

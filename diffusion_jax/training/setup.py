@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import gaussian, losses, schedules
-from diffusion_jax.models import MLP, UNet, conv
+from diffusion_jax.models import MLP, UNet, conv, dropout
 from diffusion_jax.sampling import SAMPLERS, SPACINGS
 from diffusion_jax.training.step import NAN_POLICIES
 
@@ -73,6 +73,7 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
     gaussian.check_choice("model.dtype", config.model.dtype, tuple(DTYPES))
     gaussian.check_choice("model.conv_weight_grad", config.model.conv_weight_grad,
                           conv.WEIGHT_GRADS)
+    gaussian.check_choice("model.dropout_rng", config.model.dropout_rng, dropout.DROPOUT_RNGS)
     gaussian.check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
     gaussian.check_choice("sample.spacing", config.sample.spacing, SPACINGS)
     _require_positive_int("diffusion.num_timesteps", d.num_timesteps)
@@ -106,7 +107,7 @@ def create_model(config: ml_collections.ConfigDict, info) -> nn.Module:
             ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
             attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_channels=out,
             num_classes=num_classes, dtype=DTYPES[m.dtype],
-            conv_weight_grad=m.conv_weight_grad,
+            conv_weight_grad=m.conv_weight_grad, dropout_rng=m.dropout_rng,
         )
     if info.kind != "vector":
         raise ValueError(
