@@ -114,6 +114,7 @@ def test_unwritable_workdir(tmp_path):
         ("model", "name", "resnet", r"model.name 'resnet'.*\['unet', 'mlp'\]"),
         ("model", "conv_weight_grad", "fast",
          r"model.conv_weight_grad 'fast'.*\['auto', 'xla', 'dilated'\]"),
+        ("model", "dropout_rng", "philox", r"model.dropout_rng 'philox'.*\['hash', 'jax'\]"),
         (None, "objective", "gan", r"objective 'gan'.*\['ddpm'"),
         ("train", "nan_policy", "ignore", r"train.nan_policy 'ignore'.*\['stop', 'skip'\]"),
         ("train", "num_steps", 0, r"train.num_steps must be a positive int; got 0"),

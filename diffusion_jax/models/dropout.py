@@ -60,9 +60,33 @@ def _global_index(shape: Sequence[int]) -> jax.Array:
     return index
 
 
+def hash_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """uint32 hash of every element's row-major index under a seed drawn from ``key``
+    (module doc): ``fmix32(fmix32(i * 0x9E3779B9 + s0) ^ s1)`` with
+    ``(s0, s1) = jax.random.bits(key, (2,), uint32)``. Distinct elements get distinct
+    values (a bijection of the index for a fixed key).
+
+    Args:
+      key: a JAX PRNG key (typed or raw uint32).
+      shape: the output's shape; at most 2**32 elements.
+
+    Raises:
+      ValueError: more than 2**32 elements.
+    """
+    shape = tuple(int(d) for d in shape)
+    size = math.prod(shape)
+    if size > 2**32:
+        raise ValueError(
+            f"hash_bits: at most 2**32 elements can be indexed; shape {shape} has {size}. "
+            "Use dropout_rng='jax' for arrays this large."
+        )
+    seeds = jax.random.bits(key, (2,), jnp.uint32)
+    return _fmix32(_fmix32(_global_index(shape) * _GOLDEN + seeds[0]) ^ seeds[1])
+
+
 def hash_keep_mask(key: jax.Array, shape: Sequence[int], keep_prob: float) -> jax.Array:
     """A boolean mask of ``shape``, each element True with probability ``keep_prob``
-    (up to 2**-32), from a counter-based hash of the element's index (module doc).
+    (rounded to a multiple of 2**-32): ``hash_bits(key, shape) < keep_prob * 2**32``.
 
     Args:
       key: a JAX PRNG key (typed or raw uint32).
@@ -72,22 +96,14 @@ def hash_keep_mask(key: jax.Array, shape: Sequence[int], keep_prob: float) -> ja
     Raises:
       ValueError: ``keep_prob`` outside [0, 1], or more than 2**32 elements.
     """
-    shape = tuple(int(d) for d in shape)
     if not 0.0 <= keep_prob <= 1.0:
         raise ValueError(f"hash_keep_mask: keep_prob must be in [0, 1]; got {keep_prob}")
-    size = math.prod(shape)
-    if size > 2**32:
-        raise ValueError(
-            f"hash_keep_mask: at most 2**32 elements can be indexed; shape {shape} has {size}. "
-            "Use dropout_rng='jax' for arrays this large."
-        )
+    bits = hash_bits(key, shape)
     if keep_prob == 1.0:
-        return jnp.ones(shape, bool)
-    seeds = jax.random.bits(key, (2,), jnp.uint32)
-    hashed = _fmix32(_fmix32(_global_index(shape) * _GOLDEN + seeds[0]) ^ seeds[1])
+        return jnp.ones(bits.shape, bool)
     # threshold in [0, 2**32 - 1]: keep_prob == 0 keeps nothing, the rest round to 2**-32.
     threshold = np.uint32(min(round(keep_prob * 2.0**32), 2**32 - 1))
-    return hashed < threshold
+    return bits < threshold
 
 
 class Dropout(nn.Module):
