@@ -852,7 +852,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=32, help="batch of the cifar model")
     p.add_argument("--small-batch", type=int, default=16, help="batch of the small model")
     p.add_argument("--steps", type=int, default=5, help="timed train steps per case")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed train steps after compiling (PyTorch's CPU step takes about "
+                        "three to reach its steady speed: oneDNN primitives and the "
+                        "allocator's pools are built on the first calls)")
     p.add_argument("--conv-weight-grad", default="auto", choices=conv_lib.WEIGHT_GRADS,
                    help="the U-Net's conv_weight_grad in the train, sample and bpd cases")
     p.add_argument("--conv-model", default="cifar",
@@ -928,6 +931,7 @@ def apply_quick(args) -> None:
     args.conv_batch, args.conv_steps = 2, 2
     args.train_batch = args.small_batch = args.loop_batch = 2 * devices
     args.steps, args.eval_steps, args.eval_model, args.loop_model = 2, 1, "micro", "micro"
+    args.warmup = 1
     args.sample_batch = args.bpd_batch = devices
     args.sample_steps, args.bpd_timesteps = 2, 50
     args.data_batch, args.data_batches, args.loop_steps = 16, 3, 4
