@@ -87,7 +87,10 @@ markdown gets a second table. ``op_time_by_kind(trace, program)`` sums a saved t
 
 Batches are global, split over the devices of the mesh (multiples of the device count).
 ``--conv-weight-grad`` sets the U-Net's ``conv_weight_grad`` ('auto': the dilated form
-for float32 on a CPU; 'xla' times XLA's own weight gradients). Set ``XLA_FLAGS`` in the
+for float32 on a CPU; 'xla' times XLA's own weight gradients). ``--conv-impl=onednn``
+computes the float32 convolutions with oneDNN (`diffusion_jax.models.onednn`; its FFI
+call is not partitioned, so run it with ``--cpu-devices=1``: one device whose oneDNN
+calls use every core). Set ``XLA_FLAGS`` in the
 environment to try XLA options; the JSON records them.
 """
 
@@ -121,6 +124,7 @@ from configs import ddpm_cifar  # noqa: E402
 from experiments import benchmark_torch  # noqa: E402
 from diffusion_jax import data, likelihood, sampling, schedules  # noqa: E402
 from diffusion_jax.models import conv as conv_lib  # noqa: E402
+from diffusion_jax.models import onednn as onednn_lib  # noqa: E402
 from diffusion_jax.training import mesh as mesh_lib  # noqa: E402
 from diffusion_jax.training import objectives, step as step_lib  # noqa: E402
 from diffusion_jax.training.setup import DTYPES, create_model  # noqa: E402
@@ -205,6 +209,21 @@ def _subjaxprs(params: dict):
                 yield sub
 
 
+_ONEDNN_CONV_PASSES = {target: kind for kind, target in onednn_lib.FFI_TARGETS.items()}
+
+
+def _onednn_conv_flops(eqn) -> float:
+    """2 x multiply-adds of one oneDNN convolution pass (`diffusion_jax.models.onednn`):
+    every pass takes one multiply-add per element of the (B, OH, OW, O) output-shaped
+    array and per kernel element of its output feature, as XLA's convolutions count."""
+    kind = _ONEDNN_CONV_PASSES[eqn.params["target_name"]]
+    shapes = {"forward": (eqn.outvars[0], eqn.invars[1]),
+              "input_grad": (eqn.invars[0], eqn.invars[1]),
+              "weight_grad": (eqn.invars[1], eqn.outvars[0])}[kind]
+    out, kernel = (v.aval.shape for v in shapes)
+    return 2.0 * math.prod(out) * math.prod(kernel[:3])
+
+
 def model_flops(jaxpr) -> float:
     """2 x multiply-adds of every convolution and dot in a jaxpr, loops multiplied out.
 
@@ -226,6 +245,8 @@ def model_flops(jaxpr) -> float:
             lhs = eqn.invars[0].aval
             contracted = math.prod(lhs.shape[d] for d in lhs_contract)
             total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * contracted
+        elif name == "ffi_call" and eqn.params.get("target_name") in _ONEDNN_CONV_PASSES:
+            total += _onednn_conv_flops(eqn)
         elif name == "cond":
             total += max(model_flops(b.jaxpr) for b in eqn.params["branches"])
         else:
@@ -492,11 +513,13 @@ def environment() -> dict[str, Any]:
 
 
 def make_config(model: str, dtype: str = "float32", *, num_timesteps: int = 1000,
-                conv_weight_grad: str = "auto"):
-    """The DDPM CIFAR-10 config with the named U-Net size, compute dtype and form of the
-    convolutions' weight gradients."""
+                conv_weight_grad: str = "auto", conv_impl: str = "xla"):
+    """The DDPM CIFAR-10 config with the named U-Net size, compute dtype, form of the
+    convolutions' weight gradients and convolution library (``conv_impl``, used for
+    float32; oneDNN has no bfloat16 path here, so other dtypes keep XLA's)."""
     config = ddpm_cifar.get_config()
     config.model.conv_weight_grad = conv_weight_grad
+    config.model.conv_impl = conv_impl if dtype == "float32" else "xla"
     ch, ch_mult, blocks, attn = MODELS[model]
     config.model.ch, config.model.ch_mult = ch, ch_mult
     config.model.num_res_blocks, config.model.attn_resolutions = blocks, attn
@@ -547,7 +570,8 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
                 peaks: dict) -> dict[str, Any]:
     """The train step on a mesh of ``num_devices`` devices, as `train.train_and_evaluate`
     jits it: donated state, replicated parameters, the batch split over ``data``."""
-    config = make_config(model, dtype, conv_weight_grad=args.conv_weight_grad)
+    config = make_config(model, dtype, conv_weight_grad=args.conv_weight_grad,
+                         conv_impl=args.conv_impl)
     objective = objectives.create_objective(config, CIFAR_INFO)
     optimizer = make_optimizer(config.optim)
     mesh = sub_mesh(num_devices)
@@ -587,6 +611,7 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
     case = {
         "case": "train_step", "model": model, "dtype": dtype, "batch": batch,
         "devices": mesh.size,
+        "conv_impl": config.model.conv_impl,
         "conv_weight_grad": conv_lib.resolve_weight_grad(args.conv_weight_grad,
                                                         DTYPES[dtype]),
         "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
@@ -678,7 +703,7 @@ def bench_conv(args, peaks: dict) -> list[dict[str, Any]]:
 
 def _eval_model(args, num_timesteps: int):
     config = make_config(args.eval_model, args.eval_dtype, num_timesteps=num_timesteps,
-                         conv_weight_grad=args.conv_weight_grad)
+                         conv_weight_grad=args.conv_weight_grad, conv_impl=args.conv_impl)
     model = create_model(config, CIFAR_INFO)
     params = jax.jit(objectives.ddpm_objective(config, CIFAR_INFO).init)(jax.random.key(0))
     return config, model, params
@@ -797,7 +822,8 @@ def bench_loop(args) -> dict[str, Any]:
     """``train.train_and_evaluate`` on mocked CIFAR-10: its own logged figures."""
     from diffusion_jax.training import train
 
-    config = make_config(args.loop_model, conv_weight_grad=args.conv_weight_grad)
+    config = make_config(args.loop_model, conv_weight_grad=args.conv_weight_grad,
+                         conv_impl=args.conv_impl)
     config.data.mock, config.data.mock_num_examples = True, 1024
     config.data.prefetch = args.prefetch
     config.optim.warmup_steps = 10
@@ -858,6 +884,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "allocator's pools are built on the first calls)")
     p.add_argument("--conv-weight-grad", default="auto", choices=conv_lib.WEIGHT_GRADS,
                    help="the U-Net's conv_weight_grad in the train, sample and bpd cases")
+    p.add_argument("--conv-impl", default="xla", choices=conv_lib.IMPLS,
+                   help="who computes the U-Net's float32 convolutions in the train, sample, "
+                        "bpd and loop cases: 'xla', or 'onednn' (the onednn extra and a C++ "
+                        "compiler; one device: use with --cpu-devices=1)")
     p.add_argument("--conv-model", default="cifar",
                    help="U-Net whose levels give the conv case's shapes")
     p.add_argument("--conv-batch", type=int, default=32, help="batch of the conv case")
@@ -1054,7 +1084,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for c in result["cases"]:
         if c["case"] == "conv":
             continue
-        name = {"train_step": f"train step, {c.get('model')} U-Net, {c.get('dtype')}",
+        impl = ", oneDNN convs" if c.get("conv_impl") == "onednn" else ""
+        name = {"train_step": f"train step, {c.get('model')} U-Net, {c.get('dtype')}{impl}",
                 "sample": f"sample, {c.get('sampler')}, {c.get('network_evals')} evaluations",
                 "bpd": f"bound, T = {c.get('num_timesteps')}",
                 "data": f"input pipeline, prefetch {c.get('prefetch')}",

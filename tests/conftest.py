@@ -15,6 +15,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dj_jax_cache_")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+# The oneDNN handlers (diffusion_jax.models.onednn) are built into a cache of the session.
+if "DIFFUSION_JAX_CACHE" not in os.environ:
+    os.environ["DIFFUSION_JAX_CACHE"] = tempfile.mkdtemp(prefix="dj_build_cache_")
+    atexit.register(shutil.rmtree, os.environ["DIFFUSION_JAX_CACHE"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

@@ -42,7 +42,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import onednn
+
 WEIGHT_GRADS = ("auto", "xla", "dilated")
+IMPLS = ("xla", "onednn")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # The weight gradient as a convolution: the input's channels are its batch and the
 # batch its features; dL/dy is the kernel (batch in, channels out); the output is HWIO.
@@ -131,7 +134,7 @@ _conv_dilated_weight_grad.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
            padding: str | Sequence[tuple[int, int]] = "SAME", *,
-           weight_grad: str = "auto") -> jax.Array:
+           weight_grad: str = "auto", impl: str = "xla") -> jax.Array:
     """``lax.conv_general_dilated`` for NHWC input and an HWIO kernel, with the weight
     gradient in the form ``weight_grad`` names (see the module doc).
 
@@ -142,9 +145,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
       padding: 'SAME', 'VALID', or ((lo, hi), (lo, hi)) per spatial axis.
       weight_grad: 'auto' | 'xla' | 'dilated'. The value is the same in every form; only
         the program computing dL/dkernel differs.
+      impl: 'xla' (XLA's convolution, with ``weight_grad``) or 'onednn' (all three passes
+        by oneDNN through XLA's FFI, float32 on the CPU; `diffusion_jax.models.onednn`;
+        ``weight_grad`` does not apply).
 
     Raises:
-      ValueError: a bad ``weight_grad``, or ``x`` / ``kernel`` not rank 4.
+      ValueError: a bad ``weight_grad`` or ``impl``, or ``x`` / ``kernel`` not rank 4.
+      onednn.OneDNNUnavailableError: ``impl='onednn'`` where oneDNN cannot be used.
     """
     if jnp.ndim(x) != 4 or jnp.ndim(kernel) != 4:
         raise ValueError(
@@ -155,6 +162,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if impl not in IMPLS:
+        raise ValueError(f"conv impl must be one of {IMPLS}; got {impl!r}.")
+    if impl == "onednn":
+        return onednn.conv2d(x, kernel, strides, padding)
     if resolve_weight_grad(weight_grad, x.dtype) == "dilated":
         return _conv_dilated_weight_grad(x, kernel, strides, padding)
     return _conv(x, kernel, strides, padding)
@@ -163,7 +174,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
 class Conv(nn.Module):
     """``nn.Conv(features, kernel_size, strides, padding='SAME')`` for NHWC input, with
     the same parameters (``kernel`` (KH, KW, C_in, features), ``bias``), initialisers and
-    dtype promotion, computed by `conv2d` with ``weight_grad``."""
+    dtype promotion, computed by `conv2d` with ``weight_grad`` and ``impl``."""
 
     features: int
     kernel_size: Sequence[int]
@@ -173,6 +184,7 @@ class Conv(nn.Module):
     dtype: Any = None
     param_dtype: Any = jnp.float32
     weight_grad: str = "auto"
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -181,5 +193,6 @@ class Conv(nn.Module):
                             (*kernel_size, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv2d(x, kernel, self.strides, "SAME", weight_grad=self.weight_grad)
+        y = conv2d(x, kernel, self.strides, "SAME", weight_grad=self.weight_grad,
+                   impl=self.impl)
         return y + bias.reshape(1, 1, 1, -1)

@@ -94,11 +94,12 @@ class ResnetBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     conv_weight_grad: str = "auto"
     dropout_rng: str = "hash"
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = dict(dense, weight_grad=self.conv_weight_grad)
+        conv = dict(dense, weight_grad=self.conv_weight_grad, impl=self.conv_impl)
         h = nn.swish(_group_norm(self, "norm1")(x))
         h = Conv(self.out_ch, (3, 3), kernel_init=default_init(), name="conv1", **conv)(h)
         temb_proj = nn.Dense(self.out_ch, kernel_init=default_init(), name="temb_proj", **dense)
@@ -154,6 +155,7 @@ class Downsample(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv_weight_grad: str = "auto"
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -167,6 +169,7 @@ class Downsample(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             weight_grad=self.conv_weight_grad,
+            impl=self.conv_impl,
             name="conv",
         )(x)
 
@@ -182,6 +185,7 @@ class Upsample(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     conv_weight_grad: str = "auto"
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -193,7 +197,7 @@ class Upsample(nn.Module):
             ).reshape(batch, 2 * height, 2 * width, channels)
         return _UpsampleConv(
             x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-            weight_grad=self.conv_weight_grad, name="conv",
+            weight_grad=self.conv_weight_grad, impl=self.conv_impl, name="conv",
         )(x)
 
 
@@ -220,6 +224,7 @@ class _UpsampleConv(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     weight_grad: str = "auto"
+    impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -240,7 +245,8 @@ class _UpsampleConv(nn.Module):
                 # Phase 0 reads (i - 1, i): pad one before; phase 1 reads (i, i + 1).
                 padding = ((1 - a, a), (1 - b, b))
                 phases.append(conv2d(
-                    x, kernels[a, b], (1, 1), padding, weight_grad=self.weight_grad))
+                    x, kernels[a, b], (1, 1), padding, weight_grad=self.weight_grad,
+                    impl=self.impl))
             rows.append(jnp.stack(phases, axis=3))  # (B, H, W, 2 [b], F)
         y = jnp.stack(rows, axis=2)  # (B, H, 2 [a], W, 2 [b], F)
         return y.reshape(batch, 2 * height, 2 * width, self.features) + bias.reshape(1, 1, 1, -1)
@@ -361,6 +367,9 @@ class UNet(nn.Module):
       conv_weight_grad: how the convolutions' weight gradients are computed: 'auto',
         'xla' or 'dilated' (`diffusion_jax.models.conv`; the same values, a faster
         program on the CPU). 'auto' takes 'dilated' for float32 on the CPU backend.
+      conv_impl: who computes the convolutions: 'xla' (with ``conv_weight_grad``) or
+        'onednn' (oneDNN through XLA's FFI, float32 on the CPU, one device;
+        `diffusion_jax.models.onednn`).
       dropout_rng: how the dropout masks are drawn: 'hash' (a counter-based hash, fast
         on every backend) or 'jax' (``jax.random.bernoulli``, flax's ``nn.Dropout``);
         see `diffusion_jax.models.dropout`.
@@ -378,6 +387,7 @@ class UNet(nn.Module):
     param_dtype: Dtype = jnp.float32
     conv_weight_grad: str = "auto"
     dropout_rng: str = "hash"
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(
@@ -398,8 +408,9 @@ class UNet(nn.Module):
         """
         self._check_inputs(x, t, y)
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv_kwargs = dict(kwargs, conv_weight_grad=self.conv_weight_grad)
-        conv = dict(kwargs, weight_grad=self.conv_weight_grad)
+        conv_kwargs = dict(kwargs, conv_weight_grad=self.conv_weight_grad,
+                           conv_impl=self.conv_impl)
+        conv = dict(kwargs, weight_grad=self.conv_weight_grad, impl=self.conv_impl)
         out_channels = self.out_channels or x.shape[-1]
 
         temb = timestep_embedding(t, self.ch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -74,6 +75,14 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
     gaussian.check_choice("model.conv_weight_grad", config.model.conv_weight_grad,
                           conv.WEIGHT_GRADS)
     gaussian.check_choice("model.dropout_rng", config.model.dropout_rng, dropout.DROPOUT_RNGS)
+    gaussian.check_choice("model.conv_impl", config.model.conv_impl, conv.IMPLS)
+    if config.model.conv_impl == "onednn" and jax.device_count() > 1:
+        raise ValueError(
+            f"model.conv_impl='onednn' runs each convolution on one device (XLA cannot "
+            f"partition its FFI call), and this run has {jax.device_count()} devices: run "
+            "it with one (on a CPU: JAX_NUM_CPU_DEVICES=1, and no "
+            "--xla_force_host_platform_device_count), or use model.conv_impl='xla'."
+        )
     gaussian.check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
     gaussian.check_choice("sample.spacing", config.sample.spacing, SPACINGS)
     _require_positive_int("diffusion.num_timesteps", d.num_timesteps)
@@ -108,6 +117,7 @@ def create_model(config: ml_collections.ConfigDict, info) -> nn.Module:
             attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_channels=out,
             num_classes=num_classes, dtype=DTYPES[m.dtype],
             conv_weight_grad=m.conv_weight_grad, dropout_rng=m.dropout_rng,
+            conv_impl=m.conv_impl,
         )
     if info.kind != "vector":
         raise ValueError(

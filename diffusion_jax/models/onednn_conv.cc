@@ -1,0 +1,199 @@
+// oneDNN convolutions (NHWC activations, HWIO kernels, float32) as XLA FFI handlers:
+// the forward convolution, its input gradient and its weight gradient, each a oneDNN
+// primitive built once per shape and cached. Compiled and registered on first use by
+// diffusion_jax/models/onednn.py (see there for why and how it is used).
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <memory>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw;
+  std::string Key(char kind) const {
+    std::string k(1, kind);
+    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw}) {
+      k += ',';
+      k += std::to_string(v);
+    }
+    return k;
+  }
+  memory::desc Src() const { return {{n, c, h, w}, memory::data_type::f32, memory::format_tag::nhwc}; }
+  memory::desc Dst() const { return {{n, o, oh, ow}, memory::data_type::f32, memory::format_tag::nhwc}; }
+  memory::desc WeiUser() const { return {{o, c, kh, kw}, memory::data_type::f32, memory::format_tag::hwio}; }
+  memory::desc WeiAny() const { return {{o, c, kh, kw}, memory::data_type::f32, memory::format_tag::any}; }
+  memory::dims Strides() const { return {sh, sw}; }
+  memory::dims PadL() const { return {plh, plw}; }
+  memory::dims PadR() const { return {phh, phw}; }
+  dnnl::convolution_forward::primitive_desc Forward() const {
+    return dnnl::convolution_forward::primitive_desc(
+        Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, Src(),
+        WeiAny(), Dst(), Strides(), PadL(), PadR());
+  }
+};
+
+// A primitive with the weight layout it chose ('any'), and the reorders between that
+// layout and the caller's HWIO when they differ.
+struct Cached {
+  dnnl::primitive prim;
+  memory::desc wei;
+  dnnl::reorder to_prim, from_prim;
+  bool reorder = false;
+};
+
+std::mutex cache_mutex;
+std::unordered_map<std::string, std::shared_ptr<Cached>>& Cache() {
+  static auto* cache = new std::unordered_map<std::string, std::shared_ptr<Cached>>();
+  return *cache;
+}
+
+template <typename Make>
+std::shared_ptr<Cached> Get(const std::string& key, Make make) {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  auto it = Cache().find(key);
+  if (it != Cache().end()) return it->second;
+  auto entry = std::make_shared<Cached>(make());
+  Cache()[key] = entry;
+  return entry;
+}
+
+Geometry MakeGeometry(ffi::AnyBuffer::Dimensions xd, int64_t kh, int64_t kw, int64_t o,
+                      ffi::AnyBuffer::Dimensions yd, int64_t sh, int64_t sw, int64_t plh,
+                      int64_t phh, int64_t plw, int64_t phw) {
+  return Geometry{xd[0], xd[1], xd[2], xd[3], kh, kw, o, yd[1], yd[2], sh, sw, plh, phh, plw, phw};
+}
+
+Cached WithWeights(dnnl::primitive prim, const memory::desc& wei, const Geometry& g) {
+  Cached c;
+  c.prim = prim;
+  c.wei = wei;
+  c.reorder = wei != g.WeiUser();
+  if (c.reorder) {
+    c.to_prim = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), g.WeiUser(), Engine(), wei));
+    c.from_prim = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), wei, Engine(), g.WeiUser()));
+  }
+  return c;
+}
+
+ffi::Error Guard(const std::function<void()>& body) {
+  try {
+    body();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t plh,
+                           int64_t phh, int64_t plw, int64_t phw) {
+  auto wd = w.dimensions();
+  Geometry g = MakeGeometry(x.dimensions(), wd[0], wd[1], wd[3], y->dimensions(), sh, sw, plh,
+                            phh, plw, phw);
+  return Guard([&] {
+    auto c = Get(g.Key('f'), [&] {
+      auto pd = g.Forward();
+      return WithWeights(dnnl::convolution_forward(pd), pd.weights_desc(), g);
+    });
+    dnnl::stream stream(Engine());
+    memory src(g.Src(), Engine(), x.typed_data());
+    memory wei_user(g.WeiUser(), Engine(), w.typed_data());
+    memory dst(g.Dst(), Engine(), y->typed_data());
+    memory wei = wei_user;
+    if (c->reorder) {
+      wei = memory(c->wei, Engine());
+      c->to_prim.execute(stream, wei_user, wei);
+    }
+    c->prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+    stream.wait();
+  });
+}
+
+ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                                ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
+                                int64_t plh, int64_t phh, int64_t plw, int64_t phw) {
+  auto wd = w.dimensions();
+  Geometry g = MakeGeometry(dx->dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, plh,
+                            phh, plw, phw);
+  return Guard([&] {
+    auto c = Get(g.Key('d'), [&] {
+      auto pd = dnnl::convolution_backward_data::primitive_desc(
+          Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.WeiAny(), g.Dst(),
+          g.Strides(), g.PadL(), g.PadR(), g.Forward());
+      return WithWeights(dnnl::convolution_backward_data(pd), pd.weights_desc(), g);
+    });
+    dnnl::stream stream(Engine());
+    memory diff_src(g.Src(), Engine(), dx->typed_data());
+    memory wei_user(g.WeiUser(), Engine(), w.typed_data());
+    memory diff_dst(g.Dst(), Engine(), dy.typed_data());
+    memory wei = wei_user;
+    if (c->reorder) {
+      wei = memory(c->wei, Engine());
+      c->to_prim.execute(stream, wei_user, wei);
+    }
+    c->prim.execute(stream, {{DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_WEIGHTS, wei},
+                             {DNNL_ARG_DIFF_DST, diff_dst}});
+    stream.wait();
+  });
+}
+
+ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                   ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
+                                   int64_t plh, int64_t phh, int64_t plw, int64_t phw) {
+  auto wd = dw->dimensions();
+  Geometry g = MakeGeometry(x.dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, plh,
+                            phh, plw, phw);
+  return Guard([&] {
+    auto c = Get(g.Key('w'), [&] {
+      auto pd = dnnl::convolution_backward_weights::primitive_desc(
+          Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.WeiAny(), g.Dst(),
+          g.Strides(), g.PadL(), g.PadR(), g.Forward());
+      return WithWeights(dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(), g);
+    });
+    dnnl::stream stream(Engine());
+    memory src(g.Src(), Engine(), x.typed_data());
+    memory diff_dst(g.Dst(), Engine(), dy.typed_data());
+    memory wei_user(g.WeiUser(), Engine(), dw->typed_data());
+    memory wei = c->reorder ? memory(c->wei, Engine()) : wei_user;
+    c->prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, wei},
+                             {DNNL_ARG_DIFF_DST, diff_dst}});
+    if (c->reorder) c->from_prim.execute(stream, wei, wei_user);
+    stream.wait();
+  });
+}
+
+}  // namespace
+
+#define DJ_CONV_ATTRS                                                                 \
+  .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_lo_h")     \
+      .Attr<int64_t>("pad_hi_h").Attr<int64_t>("pad_lo_w").Attr<int64_t>("pad_hi_w")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConvForward, ConvForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() DJ_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConvBackwardData, ConvBackwardDataImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() DJ_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConvBackwardWeights, ConvBackwardWeightsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() DJ_CONV_ATTRS);

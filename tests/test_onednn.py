@@ -1,0 +1,156 @@
+"""oneDNN convolutions (`diffusion_jax.models.onednn`): values and both gradients against
+the float64 NumPy sums of tests/test_conv.py for every geometry the U-Net uses, the U-Net
+with conv_impl='onednn' against XLA's, sharded input, the build cache, and bad input.
+
+These tests need the ``onednn`` extra (part of ``test``) and a C++ compiler; where either
+is missing they fail with the reason, except on a machine with no compiler at all."""
+
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffusion_jax.models import UNet, conv, onednn
+
+from tests.test_conv import CASES, _numpy_conv_and_weight_grad
+from tests.test_unet import TINY, _inputs, _param_shapes, _random_params
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")),
+    reason="no C++ compiler: the oneDNN handlers are compiled on first use",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    reason = onednn.unavailable_reason()
+    assert reason is None, reason
+
+
+@pytest.mark.parametrize("image, kernel_size, strides, padding", CASES)
+def test_values_and_gradients_against_numpy(image, kernel_size, strides, padding):
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(image, kernel_size, strides, padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, *image, 5)).astype(np.float32)
+    kernel = rng.standard_normal((*kernel_size, 5, 6)).astype(np.float32)
+    y = onednn.conv2d(jnp.asarray(x), jnp.asarray(kernel), strides, padding)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    want_y, want_dw = _numpy_conv_and_weight_grad(x, kernel, dy, strides, padding)
+    np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-4)
+    _, vjp = jax.vjp(lambda x_, k_: onednn.conv2d(x_, k_, strides, padding), x, kernel)
+    dx, dw = vjp(jnp.asarray(dy))
+    np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-4)
+    # dL/dx against XLA's transpose (itself checked against NumPy in test_conv.py).
+    _, xla_vjp = jax.vjp(lambda x_: conv.conv2d(x_, kernel, strides, padding,
+                                                 weight_grad="xla"), x)
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(xla_vjp(jnp.asarray(dy))[0]),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_large_shape_under_jit():
+    # The U-Net's 16x16 level at batch 8: blocked weight layouts and the reorders.
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((8, 16, 16, 64)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 64, 96)) / 24, jnp.float32)
+    pads = ((1, 1), (1, 1))
+
+    def loss(impl):
+        return lambda x_, k_: jnp.sum(jnp.sin(conv.conv2d(x_, k_, (1, 1), pads, impl=impl)))
+
+    got = jax.jit(jax.value_and_grad(loss("onednn"), (0, 1)))(x, kernel)
+    want = jax.jit(jax.value_and_grad(loss("xla"), (0, 1)))(x, kernel)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale, rtol=0)
+
+
+def test_unet_matches_xla():
+    x, t = _inputs(jax.random.key(1))
+    params = _random_params(_param_shapes(UNet(**TINY), x, t), seed=0)
+    models = {impl: UNet(**{**TINY, "dropout": 0.0}, conv_impl=impl) for impl in conv.IMPLS}
+    outputs, grads = {}, {}
+    for impl, model in models.items():
+        apply = lambda p, model=model: model.apply({"params": p}, x, t, train=False)
+        outputs[impl] = apply(params)
+        grads[impl] = jax.grad(lambda p, apply=apply: jnp.sum(apply(p) ** 2))(params)
+    scale = float(jnp.max(jnp.abs(outputs["xla"])))
+    np.testing.assert_allclose(outputs["onednn"], outputs["xla"], atol=1e-5 * scale, rtol=0)
+    # Gradients leaf by leaf, against the largest gradient of the whole tree (some leaves,
+    # e.g. biases a GroupNorm removes, have a true gradient of zero and only rounding).
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["xla"]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale, rtol=0),
+                 grads["onednn"], grads["xla"])
+
+
+def test_sharded_batch_is_refused_not_miscomputed():
+    # XLA cannot partition the FFI call; unmarked, it ran it per shard with the global
+    # shapes and returned wrong values. Marked as a side effect, compiling fails.
+    x = jnp.ones((8, 8, 8, 16))
+    kernel = jnp.ones((3, 3, 16, 16))
+    mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    f = jax.jit(lambda x_, k_: onednn.conv2d(x_, k_, (1, 1), ((1, 1), (1, 1))),
+                in_shardings=(sharded, None), out_shardings=sharded)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=r"Side-effect ops cannot be replicated"):
+        f(jax.device_put(x, sharded), kernel)
+
+
+def test_only_needed_gradients_are_computed():
+    x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5))
+    pads = ((1, 1), (1, 1))
+
+    def targets(jaxpr):  # how often the program calls each pass, nested jaxprs included
+        names = re.findall(r"target_name=(\w+)", str(jaxpr))
+        return {kind: names.count(target) for kind, target in onednn.FFI_TARGETS.items()}
+
+    loss = lambda x_, k_: onednn.conv2d(x_, k_, (1, 1), pads).sum()
+    only_kernel = jax.make_jaxpr(jax.grad(loss, argnums=1))(x, kernel).jaxpr
+    both = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel).jaxpr
+    assert targets(only_kernel) == {"forward": 1, "input_grad": 0, "weight_grad": 1}
+    assert targets(both) == {"forward": 1, "input_grad": 1, "weight_grad": 1}
+
+
+def test_build_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path))
+    include, lib = onednn._find_onednn()
+    first = onednn._build(include, lib)
+    assert first.is_file() and first.parent == tmp_path / "onednn"
+    mtime = first.stat().st_mtime_ns
+    assert onednn._build(include, lib) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporaries left
+
+
+def test_bad_input():
+    x = jnp.ones((2, 8, 8, 4))
+    kernel = jnp.ones((3, 3, 4, 5))
+    pads = ((1, 1), (1, 1))
+    with pytest.raises(ValueError, match=r"computes in float32; got x bfloat16"):
+        onednn.conv2d(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1), pads)
+    with pytest.raises(ValueError, match=r"x has 3 channels and the kernel expects 4"):
+        onednn.conv2d(jnp.ones((2, 8, 8, 3)), kernel, (1, 1), pads)
+    with pytest.raises(ValueError, match=r"rank 4"):
+        onednn.conv2d(jnp.ones((8, 8, 4)), kernel, (1, 1), pads)
+    with pytest.raises(ValueError, match=r"padding non-negative; got strides \(2, 2\) and "
+                                         r"padding \(\(0, -1\), \(0, -1\)\)"):
+        onednn.conv2d(x, kernel, (2, 2), ((0, -1), (0, -1)))
+    with pytest.raises(ValueError, match=r"does not fit"):
+        onednn.conv2d(jnp.ones((2, 2, 2, 4)), kernel, (1, 1), ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match=r"conv impl must be one of \('xla', 'onednn'\); "
+                                         r"got 'mkl'"):
+        conv.conv2d(x, kernel, impl="mkl")
+
+
+def test_missing_library_or_compiler_is_explained(monkeypatch, tmp_path):
+    monkeypatch.setattr(onednn, "_prefixes", lambda: [tmp_path])
+    with pytest.raises(onednn.OneDNNUnavailableError, match=r'pip install -e "\.\[onednn\]"'):
+        onednn._find_onednn()
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(onednn.OneDNNUnavailableError, match=r"needs a C\+\+17 compiler"):
+        onednn._compiler()
