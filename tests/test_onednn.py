@@ -5,6 +5,7 @@ with conv_impl='onednn' against XLA's, sharded input, the build cache, and bad i
 These tests need the ``onednn`` extra (part of ``test``) and a C++ compiler; where either
 is missing they fail with the reason, except on a machine with no compiler at all."""
 
+import json
 import re
 import shutil
 
@@ -16,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion_jax.models import UNet, conv, onednn
 
+from tests.helpers import ONE_LEVEL_FLAGS, ROOT, launch
 from tests.test_conv import CASES, _numpy_conv_and_weight_grad
 from tests.test_unet import TINY, _inputs, _param_shapes, _random_params
 
@@ -154,3 +156,13 @@ def test_missing_library_or_compiler_is_explained(monkeypatch, tmp_path):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(onednn.OneDNNUnavailableError, match=r"needs a C\+\+17 compiler"):
         onednn._compiler()
+
+
+def test_launch_trains_with_onednn_on_one_device(tmp_path):
+    workdir = tmp_path / "run"
+    launch(f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
+           *ONE_LEVEL_FLAGS, "--config.model.conv_impl=onednn", "--config.train.num_steps=2",
+           "--config.train.sample_every=0", f"--workdir={workdir}", devices=1)
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 2 and np.isfinite(lines[-1]["loss"])
+    assert json.loads((workdir / "config.json").read_text())["model"]["conv_impl"] == "onednn"
