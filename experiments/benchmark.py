@@ -353,6 +353,18 @@ def _conv(line: str, opcode: str, instrs: dict[str, str]):
     return ("conv input grad" if "transpose(" in line else "conv forward"), flops
 
 
+def _onednn_conv_op(line: str, kind: str, instrs: dict[str, str]):
+    """(kind, FLOPs) of one of `diffusion_jax.models.onednn`'s FFI calls, counted as
+    `_onednn_conv_flops` counts them in the jaxpr."""
+    dims = [_operand_dims(line, "custom-call", i, instrs) for i in (0, 1)] + [_dims(line)]
+    out, kernel = {"forward": (dims[2], dims[1]), "input_grad": (dims[0], dims[1]),
+                   "weight_grad": (dims[1], dims[2])}[kind]
+    flops = 2.0 * math.prod(out) * math.prod(kernel[:3]) if out and kernel else None
+    label = {"forward": "conv forward", "input_grad": "conv input grad",
+             "weight_grad": "conv weight grad"}[kind]
+    return label, flops
+
+
 def _dot_flops(line: str, instrs: dict[str, str]):
     out = _dims(line)
     lhs = _operand_dims(line, "dot", 0, instrs)
@@ -387,6 +399,9 @@ def classify_op(name: str, instrs: dict[str, str], comps: dict[str, list[str]]):
     for op, line in coded:
         if op == "convolution":
             return _conv(line, op, instrs)
+        target = re.search(r'custom_call_target="(\w+)"', line) if op == "custom-call" else None
+        if target and target.group(1) in _ONEDNN_CONV_PASSES:
+            return _onednn_conv_op(line, _ONEDNN_CONV_PASSES[target.group(1)], instrs)
         if op == "custom-call" and re.search(r"cudnn\$conv|onednn\$convolution", line):
             if "BackwardFilter" in line:
                 return "conv weight grad", None
@@ -1073,6 +1088,11 @@ def _conv_key(case: dict[str, Any]) -> tuple[int, int, int, int]:
     return case["batch"], case["side"], case["in_ch"], case["out_ch"]
 
 
+def _train_label(case: dict[str, Any]) -> str:
+    impl = ", oneDNN convs" if case.get("conv_impl") == "onednn" else ""
+    return f"train step, {case.get('model')} U-Net, {case.get('dtype')}{impl}"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """The cases of a result as markdown tables (the README's Performance section): the
     cases, then the bare convolutions (JAX and PyTorch side by side where the run has
@@ -1084,8 +1104,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     for c in result["cases"]:
         if c["case"] == "conv":
             continue
-        impl = ", oneDNN convs" if c.get("conv_impl") == "onednn" else ""
-        name = {"train_step": f"train step, {c.get('model')} U-Net, {c.get('dtype')}{impl}",
+        name = {"train_step": _train_label(c),
                 "sample": f"sample, {c.get('sampler')}, {c.get('network_evals')} evaluations",
                 "bpd": f"bound, T = {c.get('num_timesteps')}",
                 "data": f"input pipeline, prefetch {c.get('prefetch')}",
@@ -1124,7 +1143,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                 "|---|---|" + "---|" * len(OP_KINDS)]
         for c in profiled:
             kinds = c["profile"]["kinds"]
-            cells = [f"train step, {c['model']} U-Net, {c['dtype']}", str(c["devices"])]
+            cells = [_train_label(c), str(c["devices"])]
             for kind in OP_KINDS:
                 k = kinds.get(kind)
                 rate = f" ({k['gflop_per_s']:.0f})" if k and k.get("gflop_per_s") else ""

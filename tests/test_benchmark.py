@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffusion_jax.models import conv as conv_lib
 from diffusion_jax.models.unet import Upsample
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -341,6 +342,17 @@ def test_model_flops_counts_convolutions_and_dots_exactly():
     assert bench.model_flops(jaxpr) == 5 * 2 * 4 * 7 * 7
 
 
+def test_model_flops_counts_the_onednn_convolutions_as_xlas():
+    bench = _load_benchmark()
+    x, kernel = jnp.ones((2, 8, 6, 3)), jnp.ones((3, 3, 3, 5))
+    for argnums in ((0, 1), 1):  # both gradients, or the kernel's alone
+        flops = {impl: bench.model_flops(jax.make_jaxpr(jax.grad(
+            lambda x_, k_, impl=impl: jnp.sum(conv_lib.conv2d(x_, k_, impl=impl,
+                                                              weight_grad="xla")),
+            argnums=argnums))(x, kernel).jaxpr) for impl in conv_lib.IMPLS}
+        assert flops["onednn"] == flops["xla"] > 0
+
+
 # --- the U-Net's sub-pixel upsampling ------------------------------------------------------
 
 
@@ -502,6 +514,9 @@ ENTRY %main (x: f32[4,8,8,16], w: f32[3,3,16,16], a: f32[64,64]) -> f32[] {
   %lt = (f32[64,64]{1,0}, s8[1024]{0}) custom-call(%a, %a), custom_call_target="__cublas$lt$matmul"
   %dnn = f32[4,8,8,16]{3,2,1,0} custom-call(%x, %w), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__onednn$convolution"
   %filter = (f32[3,3,16,16]{3,2,1,0}, u8[0]{0}) custom-call(%x, %x), custom_call_target="__cudnn$convBackwardFilter"
+  %djf = f32[4,8,8,16]{3,2,1,0} custom-call(%x, %w), custom_call_target="DjConvForward", api_version=API_VERSION_TYPED_FFI
+  %djd = f32[4,8,8,16]{3,2,1,0} custom-call(f32[4,8,8,16]{3,2,1,0} %dy, f32[3,3,16,16]{3,2,1,0} %w), custom_call_target="DjConvBackwardData"
+  %djw = f32[3,3,16,16]{3,2,1,0} custom-call(%x, %x), custom_call_target="DjConvBackwardWeights"
   %init = (s32[], f32[64,64]{1,0}) tuple(%i0, %a)
   %loop = (s32[], f32[64,64]{1,0}) while(%init), condition=%cond, body=%body
   %tr = f32[64,64]{0,1} transpose(%a), dimensions={1,0}
@@ -525,6 +540,9 @@ def test_classify_op_on_hand_written_hlo():
         "lt": ("matmul", None),
         "dnn": ("conv forward", conv),
         "filter": ("conv weight grad", None),
+        "djf": ("conv forward", conv),  # this project's oneDNN FFI calls
+        "djd": ("conv input grad", conv),
+        "djw": ("conv weight grad", conv),
         "loop": (None, None),  # its inner dot has its own event
         "inner": ("matmul", 2.0 * 64 * 64 * 64),
         "tr": ("data movement", None),
