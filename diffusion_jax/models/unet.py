@@ -110,8 +110,35 @@ class ResnetBlock(nn.Module):
             self.out_ch, (3, 3), kernel_init=default_init(_ZERO_INIT_SCALE), name="conv2", **conv
         )(h)
         if x.shape[-1] != self.out_ch:
-            x = nn.Dense(self.out_ch, kernel_init=default_init(), name="nin_shortcut", **dense)(x)
+            x = _Pointwise(self.out_ch, impl=self.conv_impl, name="nin_shortcut", **dense)(x)
         return x + h
+
+
+class _Pointwise(nn.Module):
+    """DDPM's ``nin`` (a 1x1 convolution): what ``nn.Dense(features)`` computes over the
+    channels of a (B, H, W, C) input, with its parameters (``kernel`` (C, features),
+    ``bias``), initialisers and dtype promotion. With ``impl='onednn'`` it is computed as a
+    1x1 convolution by oneDNN: XLA's matmul runs its input gradient (contracting
+    ``features``, 128 at the CIFAR U-Net's first level) at about 100 GFLOP/s on the
+    README's 2-core CPU."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", default_init(), (x.shape[-1], self.features),
+                            self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                          self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.impl == "onednn":
+            y = conv2d(x, kernel[None, None], (1, 1), ((0, 0), (0, 0)), impl=self.impl)
+        else:  # nn.Dense's own contraction
+            y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y + bias.reshape(1, 1, 1, -1)
 
 
 class AttnBlock(nn.Module):
