@@ -34,7 +34,6 @@ network at hand (``experiments/benchmark.py --conv-weight-grad``).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import onednn
+from diffusion_jax.models._custom_conv import conv_with_gradients
 
 WEIGHT_GRADS = ("auto", "xla", "dilated")
 IMPLS = ("xla", "onednn")
@@ -101,35 +101,17 @@ def dilated_weight_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int]
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_dilated_weight_grad(x, kernel, strides, padding):
-    return _conv(x, kernel, strides, padding)
+def _input_grad(x, kernel, dy, strides, padding):
+    # The transpose of the convolution in x alone: no forward pass inside it.
+    (dx,) = jax.linear_transpose(lambda x_: _conv(x_, kernel, strides, padding), x)(dy)
+    return dx
 
 
-def _fwd(x, kernel, strides, padding):
-    # With symbolic zeros, x and kernel come as CustomVJPPrimal(value, perturbed): each
-    # gradient is computed only when its argument is differentiated (no input gradient
-    # for the network's input image). The flags travel in the residuals' structure, which
-    # is static.
-    wanted = {name: () for name, arg in (("x", x), ("kernel", kernel)) if arg.perturbed}
-    return _conv(x.value, kernel.value, strides, padding), (x.value, kernel.value, wanted)
+def _dilated_weight_grad(x, kernel, dy, strides, padding):
+    return dilated_weight_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
 
 
-def _bwd(strides, padding, residuals, dy):
-    x, kernel, wanted = residuals
-    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
-        return None, None
-    dx = dkernel = None
-    if "x" in wanted:
-        # The transpose of the convolution in x alone: no forward pass inside it.
-        (dx,) = jax.linear_transpose(lambda x_: _conv(x_, kernel, strides, padding), x)(dy)
-    if "kernel" in wanted:
-        dkernel = dilated_weight_grad(x, dy, kernel.shape, strides, padding)
-        dkernel = dkernel.astype(kernel.dtype)
-    return dx, dkernel
-
-
-_conv_dilated_weight_grad.defvjp(_fwd, _bwd, symbolic_zeros=True)
+_conv_dilated_weight_grad = conv_with_gradients(_conv, _input_grad, _dilated_weight_grad)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),

@@ -30,7 +30,6 @@ return wrong values). Use it with one JAX CPU device, whose oneDNN calls use eve
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import pathlib
@@ -46,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+
+from diffusion_jax.models._custom_conv import conv_with_gradients
 
 __all__ = ["FFI_TARGETS", "OneDNNUnavailableError", "available", "conv2d", "load", "unavailable_reason"]
 
@@ -184,40 +185,26 @@ def _call(kind: str, shape, a, b, strides, padding):
     # batch with the wrong (global) shapes and return wrong values; marked as a side
     # effect, a sharded call is refused at compile time instead ("Side-effect ops cannot
     # be replicated"). It also keeps XLA from merging or dropping calls, so the backward
-    # pass asks only for the gradients it needs (symbolic zeros below).
+    # pass asks only for the gradients it needs (`conv_with_gradients`).
     return jax.ffi.ffi_call(FFI_TARGETS[kind], jax.ShapeDtypeStruct(shape, jnp.float32),
                             vmap_method="sequential", has_side_effect=True)(
         a, b, **_attributes(strides, padding))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, kernel, strides, padding):
-    return _call("forward", _output_shape(x.shape, kernel.shape, strides, padding), x, kernel,
-                 strides, padding)
+def _forward(x, kernel, strides, padding):
+    shape = _output_shape(x.shape, kernel.shape, strides, padding)
+    return _call("forward", shape, x, kernel, strides, padding)
 
 
-def _conv_fwd(x, kernel, strides, padding):
-    # With symbolic zeros, x and kernel come as CustomVJPPrimal(value, perturbed): only
-    # the gradients of perturbed arguments are computed (no input gradient for the
-    # network's input image). The flags travel in the residuals' static structure.
-    wanted = {name: () for name, arg in (("x", x), ("kernel", kernel)) if arg.perturbed}
-    y = _conv(x.value, kernel.value, strides, padding)
-    return y, (x.value, kernel.value, wanted)
+def _input_grad(x, kernel, dy, strides, padding):
+    return _call("input_grad", x.shape, dy, kernel, strides, padding)
 
 
-def _conv_bwd(strides, padding, residuals, dy):
-    x, kernel, wanted = residuals
-    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
-        return None, None
-    dx = dkernel = None
-    if "x" in wanted:
-        dx = _call("input_grad", x.shape, dy, kernel, strides, padding)
-    if "kernel" in wanted:
-        dkernel = _call("weight_grad", kernel.shape, x, dy, strides, padding)
-    return dx, dkernel
+def _weight_grad(x, kernel, dy, strides, padding):
+    return _call("weight_grad", kernel.shape, x, dy, strides, padding)
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd, symbolic_zeros=True)
+_conv = conv_with_gradients(_forward, _input_grad, _weight_grad)
 
 
 def _output_shape(x_shape, kernel_shape, strides, padding) -> tuple[int, int, int, int]:
