@@ -22,6 +22,18 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+// Every primitive gets its scratch memory from the caller, per call: a cached primitive
+// is run by several XLA threads at once, and with oneDNN's own (library-managed)
+// scratchpad those calls would share one buffer and corrupt each other's results.
+const dnnl::primitive_attr& UserScratchpad() {
+  static const dnnl::primitive_attr* attr = [] {
+    auto* a = new dnnl::primitive_attr();
+    a->set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    return a;
+  }();
+  return *attr;
+}
+
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw;
   std::string Key(char kind) const {
@@ -42,7 +54,7 @@ struct Geometry {
   dnnl::convolution_forward::primitive_desc Forward() const {
     return dnnl::convolution_forward::primitive_desc(
         Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, Src(),
-        WeiAny(), Dst(), Strides(), PadL(), PadR());
+        WeiAny(), Dst(), Strides(), PadL(), PadR(), UserScratchpad());
   }
 };
 
@@ -50,8 +62,9 @@ struct Geometry {
 // layout and the caller's HWIO when they differ.
 struct Cached {
   dnnl::primitive prim;
-  memory::desc wei;
+  memory::desc wei, scratch;
   dnnl::reorder to_prim, from_prim;
+  memory::desc to_scratch, from_scratch;
   bool reorder = false;
 };
 
@@ -77,16 +90,32 @@ Geometry MakeGeometry(ffi::AnyBuffer::Dimensions xd, int64_t kh, int64_t kw, int
   return Geometry{xd[0], xd[1], xd[2], xd[3], kh, kw, o, yd[1], yd[2], sh, sw, plh, phh, plw, phw};
 }
 
-Cached WithWeights(dnnl::primitive prim, const memory::desc& wei, const Geometry& g) {
+template <typename PrimitiveDesc>
+Cached WithWeights(dnnl::primitive prim, const PrimitiveDesc& pd, const memory::desc& wei,
+                   const Geometry& g) {
   Cached c;
   c.prim = prim;
   c.wei = wei;
+  c.scratch = pd.scratchpad_desc();
   c.reorder = wei != g.WeiUser();
   if (c.reorder) {
-    c.to_prim = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), g.WeiUser(), Engine(), wei));
-    c.from_prim = dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), wei, Engine(), g.WeiUser()));
+    auto to_pd = dnnl::reorder::primitive_desc(Engine(), g.WeiUser(), Engine(), wei,
+                                               UserScratchpad());
+    auto from_pd = dnnl::reorder::primitive_desc(Engine(), wei, Engine(), g.WeiUser(),
+                                                 UserScratchpad());
+    c.to_prim = dnnl::reorder(to_pd);
+    c.from_prim = dnnl::reorder(from_pd);
+    c.to_scratch = to_pd.scratchpad_desc();
+    c.from_scratch = from_pd.scratchpad_desc();
   }
   return c;
+}
+
+// Runs a cached reorder with scratch memory of its own.
+void Reorder(const dnnl::reorder& r, const memory::desc& scratch, dnnl::stream& stream,
+             memory& from, memory& to) {
+  memory scratchpad(scratch, Engine());
+  r.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
 }
 
 ffi::Error Guard(const std::function<void()>& body) {
@@ -94,6 +123,8 @@ ffi::Error Guard(const std::function<void()>& body) {
     body();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();
 }
@@ -107,7 +138,7 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   return Guard([&] {
     auto c = Get(g.Key('f'), [&] {
       auto pd = g.Forward();
-      return WithWeights(dnnl::convolution_forward(pd), pd.weights_desc(), g);
+      return WithWeights(dnnl::convolution_forward(pd), pd, pd.weights_desc(), g);
     });
     dnnl::stream stream(Engine());
     memory src(g.Src(), Engine(), x.typed_data());
@@ -116,9 +147,11 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     memory wei = wei_user;
     if (c->reorder) {
       wei = memory(c->wei, Engine());
-      c->to_prim.execute(stream, wei_user, wei);
+      Reorder(c->to_prim, c->to_scratch, stream, wei_user, wei);
     }
-    c->prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+    memory scratchpad(c->scratch, Engine());
+    c->prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
+                             {DNNL_ARG_SCRATCHPAD, scratchpad}});
     stream.wait();
   });
 }
@@ -133,8 +166,8 @@ ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> 
     auto c = Get(g.Key('d'), [&] {
       auto pd = dnnl::convolution_backward_data::primitive_desc(
           Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.WeiAny(), g.Dst(),
-          g.Strides(), g.PadL(), g.PadR(), g.Forward());
-      return WithWeights(dnnl::convolution_backward_data(pd), pd.weights_desc(), g);
+          g.Strides(), g.PadL(), g.PadR(), g.Forward(), UserScratchpad());
+      return WithWeights(dnnl::convolution_backward_data(pd), pd, pd.weights_desc(), g);
     });
     dnnl::stream stream(Engine());
     memory diff_src(g.Src(), Engine(), dx->typed_data());
@@ -143,10 +176,11 @@ ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> 
     memory wei = wei_user;
     if (c->reorder) {
       wei = memory(c->wei, Engine());
-      c->to_prim.execute(stream, wei_user, wei);
+      Reorder(c->to_prim, c->to_scratch, stream, wei_user, wei);
     }
+    memory scratchpad(c->scratch, Engine());
     c->prim.execute(stream, {{DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_WEIGHTS, wei},
-                             {DNNL_ARG_DIFF_DST, diff_dst}});
+                             {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
     stream.wait();
   });
 }
@@ -161,17 +195,18 @@ ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32
     auto c = Get(g.Key('w'), [&] {
       auto pd = dnnl::convolution_backward_weights::primitive_desc(
           Engine(), dnnl::algorithm::convolution_direct, g.Src(), g.WeiAny(), g.Dst(),
-          g.Strides(), g.PadL(), g.PadR(), g.Forward());
-      return WithWeights(dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(), g);
+          g.Strides(), g.PadL(), g.PadR(), g.Forward(), UserScratchpad());
+      return WithWeights(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc(), g);
     });
     dnnl::stream stream(Engine());
     memory src(g.Src(), Engine(), x.typed_data());
     memory diff_dst(g.Dst(), Engine(), dy.typed_data());
     memory wei_user(g.WeiUser(), Engine(), dw->typed_data());
     memory wei = c->reorder ? memory(c->wei, Engine()) : wei_user;
+    memory scratchpad(c->scratch, Engine());
     c->prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_WEIGHTS, wei},
-                             {DNNL_ARG_DIFF_DST, diff_dst}});
-    if (c->reorder) c->from_prim.execute(stream, wei, wei_user);
+                             {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
+    if (c->reorder) Reorder(c->from_prim, c->from_scratch, stream, wei, wei_user);
     stream.wait();
   });
 }
