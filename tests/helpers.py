@@ -79,3 +79,17 @@ def restore_tree(workdir, step):
     restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     manager.close()
     return jax.tree.map(np.asarray, restored)
+
+
+def onednn_skip_reason():
+    """Why the oneDNN convolutions cannot be tested here, or None. Skipped only where the
+    project does not install oneDNN (not x86_64 Linux) or no C++ compiler exists; on an
+    x86_64 Linux machine with a compiler a failure to build is a test failure."""
+    import platform
+    import shutil
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return "the oneDNN wheels are installed on x86_64 Linux only"
+    if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
+        return "no C++ compiler: the oneDNN handlers are compiled on first use"
+    return None

@@ -19,6 +19,8 @@ import pytest
 from diffusion_jax.models import conv as conv_lib
 from diffusion_jax.models.unet import Upsample
 
+from tests.helpers import onednn_skip_reason
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "benchmark.py"
 
@@ -342,6 +344,7 @@ def test_model_flops_counts_convolutions_and_dots_exactly():
     assert bench.model_flops(jaxpr) == 5 * 2 * 4 * 7 * 7
 
 
+@pytest.mark.skipif(onednn_skip_reason() is not None, reason=str(onednn_skip_reason()))
 def test_model_flops_counts_the_onednn_convolutions_as_xlas():
     bench = _load_benchmark()
     x, kernel = jnp.ones((2, 8, 6, 3)), jnp.ones((3, 3, 3, 5))

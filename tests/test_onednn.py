@@ -2,8 +2,9 @@
 the float64 NumPy sums of tests/test_conv.py for every geometry the U-Net uses, the U-Net
 with conv_impl='onednn' against XLA's, sharded input, the build cache, and bad input.
 
-These tests need the ``onednn`` extra (part of ``test``) and a C++ compiler; where either
-is missing they fail with the reason, except on a machine with no compiler at all."""
+These tests need the ``onednn`` extra (part of ``test``) and a C++ compiler; they are
+skipped only off x86_64 Linux (no wheels) or with no compiler at all, and otherwise fail
+with the reason."""
 
 import json
 import re
@@ -17,14 +18,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion_jax.models import UNet, conv, onednn
 
-from tests.helpers import ONE_LEVEL_FLAGS, ROOT, launch
+from tests.helpers import ONE_LEVEL_FLAGS, ROOT, launch, onednn_skip_reason
 from tests.test_conv import CASES, _numpy_conv_and_weight_grad
 from tests.test_unet import TINY, _inputs, _param_shapes, _random_params
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("g++") or shutil.which("c++")),
-    reason="no C++ compiler: the oneDNN handlers are compiled on first use",
-)
+pytestmark = pytest.mark.skipif(onednn_skip_reason() is not None,
+                                reason=str(onednn_skip_reason()))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -146,7 +146,11 @@ def load() -> None:
                     f"conv_impl='onednn' runs on the CPU backend; the default backend is "
                     f"{jax.default_backend()!r}. Use conv_impl='xla'."
                 )
-            path = _build(*_find_onednn())
+            try:
+                path = _build(*_find_onednn())
+            except OSError as error:  # a compiler that cannot run, a cache not writable
+                raise OneDNNUnavailableError(
+                    f"building the oneDNN convolution handlers failed: {error}") from None
             library = ctypes.cdll.LoadLibrary(str(path))
         except (OneDNNUnavailableError, OSError) as error:
             failure = error if isinstance(error, OneDNNUnavailableError) else (
