@@ -185,3 +185,14 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     state = train.train_and_evaluate(config, tmp_path / "skip")
     assert int(state.step) == 6 and int(state.skipped_steps) == 1
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(state)))
+
+
+def test_onednn_convolutions_need_float32(monkeypatch):
+    config = toy_config()
+    config.model.update(conv_impl="onednn", dtype="bfloat16")
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # past the one-device check
+    with pytest.raises(ValueError, match=r"conv_impl='onednn' computes in float32; "
+                                         r"model.dtype is 'bfloat16'"):
+        setup.validate_config(config)
+    config.model.dtype = "float32"
+    setup.validate_config(config)

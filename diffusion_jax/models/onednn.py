@@ -48,7 +48,7 @@ import numpy as np
 
 from diffusion_jax.models._custom_conv import conv_with_gradients
 
-__all__ = ["FFI_TARGETS", "OneDNNUnavailableError", "available", "conv2d", "load", "unavailable_reason"]
+__all__ = ["FFI_TARGETS", "OneDNNUnavailableError", "conv2d", "load", "unavailable_reason"]
 
 _SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 # The FFI targets by pass; each takes two operands and returns one array.
@@ -170,11 +170,6 @@ def unavailable_reason() -> str | None:
     except OneDNNUnavailableError as error:
         return str(error)
     return None
-
-
-def available() -> bool:
-    """Whether `conv2d` can run here (builds and loads the handlers on the first call)."""
-    return unavailable_reason() is None
 
 
 def _attributes(strides: tuple[int, int], padding: Padding) -> dict[str, np.int64]:

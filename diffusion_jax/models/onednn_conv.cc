@@ -118,6 +118,15 @@ void Reorder(const dnnl::reorder& r, const memory::desc& scratch, dnnl::stream& 
   r.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, scratchpad}});
 }
 
+// The weights as the primitive reads them: the caller's HWIO buffer, or a reorder of it
+// into the primitive's own layout.
+memory PrimitiveWeights(const Cached& c, dnnl::stream& stream, memory& wei_user) {
+  if (!c.reorder) return wei_user;
+  memory wei(c.wei, Engine());
+  Reorder(c.to_prim, c.to_scratch, stream, wei_user, wei);
+  return wei;
+}
+
 ffi::Error Guard(const std::function<void()>& body) {
   try {
     body();
@@ -144,11 +153,7 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     memory src(g.Src(), Engine(), x.typed_data());
     memory wei_user(g.WeiUser(), Engine(), w.typed_data());
     memory dst(g.Dst(), Engine(), y->typed_data());
-    memory wei = wei_user;
-    if (c->reorder) {
-      wei = memory(c->wei, Engine());
-      Reorder(c->to_prim, c->to_scratch, stream, wei_user, wei);
-    }
+    memory wei = PrimitiveWeights(*c, stream, wei_user);
     memory scratchpad(c->scratch, Engine());
     c->prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
                              {DNNL_ARG_SCRATCHPAD, scratchpad}});
@@ -173,11 +178,7 @@ ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> 
     memory diff_src(g.Src(), Engine(), dx->typed_data());
     memory wei_user(g.WeiUser(), Engine(), w.typed_data());
     memory diff_dst(g.Dst(), Engine(), dy.typed_data());
-    memory wei = wei_user;
-    if (c->reorder) {
-      wei = memory(c->wei, Engine());
-      Reorder(c->to_prim, c->to_scratch, stream, wei_user, wei);
-    }
+    memory wei = PrimitiveWeights(*c, stream, wei_user);
     memory scratchpad(c->scratch, Engine());
     c->prim.execute(stream, {{DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_WEIGHTS, wei},
                              {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_SCRATCHPAD, scratchpad}});

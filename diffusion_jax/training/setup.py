@@ -76,6 +76,11 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
                           conv.WEIGHT_GRADS)
     gaussian.check_choice("model.dropout_rng", config.model.dropout_rng, dropout.DROPOUT_RNGS)
     gaussian.check_choice("model.conv_impl", config.model.conv_impl, conv.IMPLS)
+    if config.model.conv_impl == "onednn" and config.model.dtype != "float32":
+        raise ValueError(
+            f"model.conv_impl='onednn' computes in float32; model.dtype is "
+            f"{config.model.dtype!r}. Use model.conv_impl='xla' for other dtypes."
+        )
     if config.model.conv_impl == "onednn" and jax.device_count() > 1:
         raise ValueError(
             f"model.conv_impl='onednn' runs each convolution on one device (XLA cannot "
