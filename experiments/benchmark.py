@@ -88,9 +88,9 @@ markdown gets a second table. ``op_time_by_kind(trace, program)`` sums a saved t
 Batches are global, split over the devices of the mesh (multiples of the device count).
 ``--conv-weight-grad`` sets the U-Net's ``conv_weight_grad`` ('auto': the dilated form
 for float32 on a CPU; 'xla' times XLA's own weight gradients). ``--conv-impl=onednn``
-computes the float32 convolutions with oneDNN (`diffusion_jax.models.onednn`; its FFI
-call is not partitioned, so run it with ``--cpu-devices=1``: one device whose oneDNN
-calls use every core). Set ``XLA_FLAGS`` in the
+computes the float32 convolutions with oneDNN (`diffusion_jax.models.onednn`; on one
+device its calls use every core, on several each device convolves its shard of the batch
+on its share of the cores). Set ``XLA_FLAGS`` in the
 environment to try XLA options; the JSON records them.
 """
 

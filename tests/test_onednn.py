@@ -1,6 +1,7 @@
 """oneDNN convolutions (`diffusion_jax.models.onednn`): values and both gradients against
 the float64 NumPy sums of tests/test_conv.py for every geometry the U-Net uses, the U-Net
-with conv_impl='onednn' against XLA's, sharded input, the build cache, and bad input.
+with conv_impl='onednn' against XLA's, sharded input (partitioned over the batch), the
+build cache, and bad input.
 
 These tests need the ``onednn`` extra (part of ``test``) and a C++ compiler; they are
 skipped only off x86_64 Linux (no wheels) or with no compiler at all, and otherwise fail
@@ -114,17 +115,91 @@ def test_unet_matches_xla():
                  grads["onednn"], grads["xla"])
 
 
-def test_sharded_batch_is_refused_not_miscomputed():
-    # XLA cannot partition the FFI call; unmarked, it ran it per shard with the global
-    # shapes and returned wrong values. Marked as a side effect, compiling fails.
-    x = jnp.ones((8, 8, 8, 16))
-    kernel = jnp.ones((3, 3, 16, 16))
+@pytest.mark.parametrize("devices, axes", [(8, ("data",)), (8, ("data", "model")), (1, ("data",))])
+def test_sharded_batch_matches_one_device(devices, axes):
+    # XLA's partitioner splits each pass over the batch: every device calls oneDNN on its
+    # shard (local shapes, this process's cores shared out), the kernel stays whole, and
+    # the weight gradient is summed over the batch's mesh axes.
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((16, 8, 8, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 24)) / 12, jnp.float32)
+    pads = ((1, 1), (1, 1))
+
+    def loss(impl):
+        return lambda x_, k_: jnp.sum(jnp.sin(conv.conv2d(x_, k_, (2, 2), pads, impl=impl)))
+
+    grad = jax.value_and_grad(loss("onednn"), (0, 1))
+    want = jax.jit(jax.value_and_grad(loss("xla"), (0, 1)))(x, kernel)
+    shape = (devices // 2, 2) if len(axes) == 2 else (devices,)
+    mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), axes)
+    batch = NamedSharding(mesh, PartitionSpec(axes))
+    f = jax.jit(grad, in_shardings=(batch, NamedSharding(mesh, PartitionSpec())))
+    got = f(x, kernel)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale, rtol=0)
+    if devices > 1:
+        assert got[1][0].sharding.spec == PartitionSpec(axes)  # dL/dx stays split
+    hlo = f.lower(x, kernel).compile().as_text()
+    calls = re.findall(r"f32\[([\d,]+)\][^\n]*custom_call_target=\"(DjConv\w+)\"", hlo)
+    local = str(16 // devices)
+    assert {target for _, target in calls} == set(onednn.FFI_TARGETS.values())
+    for dims, target in calls:  # each device computes on its shard's shapes
+        assert dims.split(",")[0] == ("3" if target == "DjConvBackwardWeights" else local)
+    assert ("all-reduce" in hlo) == (devices > 1)
+    threads = {int(v) for v in re.findall(r"threads = (\d+)", hlo)}
+    assert threads == ({onednn.sharded_threads(mesh)} if devices > 1
+                       else {onednn.default_threads()})
+
+
+def test_unpartitioned_call_on_a_sharded_batch_is_refused():
+    # The bare FFI call, outside the partitioning rule: XLA's partitioner would run it on
+    # each shard with the global shapes and return wrong values. It is marked as a side
+    # effect so that compiling fails instead.
+    x, kernel = jnp.ones((8, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
     mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
     sharded = NamedSharding(mesh, PartitionSpec("data"))
-    f = jax.jit(lambda x_, k_: onednn.conv2d(x_, k_, (1, 1), ((1, 1), (1, 1))),
+    f = jax.jit(lambda x_, k_: onednn._ffi("forward", x_, k_, (8, 8), (1, 1),
+                                           ((1, 1), (1, 1)), 1),
                 in_shardings=(sharded, None), out_shardings=sharded)
     with pytest.raises(jax.errors.JaxRuntimeError, match=r"Side-effect ops cannot be replicated"):
         f(jax.device_put(x, sharded), kernel)
+
+
+def test_thread_counts(monkeypatch):
+    monkeypatch.setattr(onednn, "_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert onednn.default_threads() == 8
+    mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
+    assert onednn.sharded_threads(mesh) == 4
+    assert onednn.sharded_threads(Mesh(np.asarray(jax.devices()[:8]), ("data",))) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")
+    assert onednn.default_threads() == 3 and onednn.sharded_threads(mesh) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "none")
+    assert onednn.default_threads() == 8
+
+
+def test_vmap_matches_xla():
+    # vmap over images with one kernel (the mapped axis joins the batch), over image and
+    # kernel pairs (one call each), and nested, against XLA's convolution.
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 2, 8, 8, 4)), jnp.float32)
+    kernels = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 5)) / 6, jnp.float32)
+    pads = ((1, 1), (0, 2))
+
+    def cases(impl):
+        f = jax.value_and_grad(
+            lambda a, b: jnp.sum(jnp.sin(conv.conv2d(a, b, (1, 2), pads, impl=impl))), (0, 1))
+        nested = jax.vmap(jax.vmap(f, in_axes=(0, None)), in_axes=(None, 0))
+        return (jax.jit(jax.vmap(f, in_axes=(0, None)))(x, kernels[0]),
+                jax.jit(jax.vmap(f))(x, kernels), nested(x[:, :1], kernels))
+
+    got, want = cases("onednn"), cases("xla")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(lambda a: onednn.conv2d(a, kernels[0], (1, 2), pads)))(x))
+    assert "DjConvForward" in jaxpr
 
 
 def test_only_needed_gradients_are_computed():
@@ -182,11 +257,19 @@ def test_missing_library_or_compiler_is_explained(monkeypatch, tmp_path):
         onednn._compiler()
 
 
-def test_launch_trains_with_onednn_on_one_device(tmp_path):
-    workdir = tmp_path / "run"
-    launch(f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
-           *ONE_LEVEL_FLAGS, "--config.model.conv_impl=onednn", "--config.train.num_steps=2",
-           "--config.train.sample_every=0", f"--workdir={workdir}", devices=1)
-    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 2 and np.isfinite(lines[-1]["loss"])
-    assert json.loads((workdir / "config.json").read_text())["model"]["conv_impl"] == "onednn"
+@pytest.mark.parametrize("devices", [1, 2])
+def test_launch_trains_as_with_xla(tmp_path, devices):
+    # The same run with each convolution library: the losses of the first steps agree to
+    # float32 rounding, on one device and data parallel over two.
+    losses = {}
+    for impl in conv.IMPLS:
+        workdir = tmp_path / impl
+        launch(f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
+               *ONE_LEVEL_FLAGS, f"--config.model.conv_impl={impl}",
+               "--config.train.num_steps=3", "--config.train.log_every=1",
+               "--config.train.sample_every=0", f"--workdir={workdir}", devices=devices)
+        lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+        losses[impl] = [line["loss"] for line in lines if "loss" in line]
+        assert json.loads((workdir / "config.json").read_text())["model"]["conv_impl"] == impl
+    assert len(losses["onednn"]) == 3 and np.all(np.isfinite(losses["onednn"]))
+    np.testing.assert_allclose(losses["onednn"], losses["xla"], rtol=1e-4)

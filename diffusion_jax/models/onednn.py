@@ -18,18 +18,25 @@ Requirements (the ``onednn`` extra, ``pip install -e ".[onednn]"``, brings the f
   ``$DIFFUSION_JAX_CACHE`` (default ``~/.cache/diffusion_jax``), once per source, jaxlib
   and oneDNN version; later processes load the cached library.
 
-Limits: float32 only, CPU only, NHWC input and HWIO kernels, non-negative padding, and
-one device: XLA cannot partition the FFI call, so a program that shards its input over
-several devices is refused when it is compiled (the call is marked as having a side
-effect; unmarked, the partitioner would run it on each shard with the global shapes and
-return wrong values). Use it with one JAX CPU device, whose oneDNN calls use every core
-(OpenMP threads; ``OMP_NUM_THREADS`` sets their number); the training system checks this
-(``model.conv_impl='onednn'`` with more than one device is a configuration error).
+Limits: float32 only, CPU only, NHWC input and HWIO kernels, non-negative padding.
+
+Devices: on one JAX CPU device the oneDNN calls use every core (OpenMP threads;
+``OMP_NUM_THREADS`` sets their number, `default_threads`). In a program whose batch is
+sharded over a mesh (``jit`` with a ``NamedSharding``, as the training system does with
+one device per core or several hosts), each pass carries a partitioning rule
+(``custom_partitioning``): XLA's partitioner gives every device its shard of the batch,
+which it convolves with oneDNN on its own share of the process's cores
+(`sharded_threads`), the kernel stays whole, and the weight gradient is summed over the
+batch's mesh axes (an all-reduce). Only the batch is split; any other sharding of the
+operands is gathered first. The bare FFI call is marked as having a side effect, so that
+a call that reached the partitioner without the rule would be refused when compiled
+rather than run per shard with the global shapes.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import pathlib
@@ -45,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion_jax.models._custom_conv import conv_with_gradients
 
@@ -119,7 +128,7 @@ def _build(include: pathlib.Path, lib: pathlib.Path) -> pathlib.Path:
     compiler = _compiler()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = pathlib.Path(tmp) / target.name
-        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(_SOURCE),
+        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", str(_SOURCE),
                    "-o", str(out), f"-I{include}", f"-I{jax_include}", f"-L{lib}", "-ldnnl",
                    f"-Wl,-rpath,{lib}"]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -179,28 +188,144 @@ def _attributes(strides: tuple[int, int], padding: Padding) -> dict[str, np.int6
                 pad_lo_w=np.int64(lo_w), pad_hi_w=np.int64(hi_w))
 
 
-def _call(kind: str, shape, a, b, strides, padding):
-    # has_side_effect: XLA's partitioner would otherwise split the call over a sharded
-    # batch with the wrong (global) shapes and return wrong values; marked as a side
-    # effect, a sharded call is refused at compile time instead ("Side-effect ops cannot
-    # be replicated"). It also keeps XLA from merging or dropping calls, so the backward
-    # pass asks only for the gradients it needs (`conv_with_gradients`).
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """OpenMP threads of a oneDNN call in a program on one device: ``OMP_NUM_THREADS``
+    (its first entry) when set to a positive number, else every core of this process."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(first) if first.isdigit() and int(first) > 0 else _cores()
+
+
+def sharded_threads(mesh) -> int:
+    """OpenMP threads of each oneDNN call in a program partitioned over ``mesh``: this
+    process's cores shared by its devices of the mesh (at least one), since every device
+    runs its shard at the same time. ``OMP_NUM_THREADS`` still caps it."""
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    return max(1, min(default_threads(), _cores() // max(1, local)))
+
+
+def _result_shape(kind: str, a_shape, b_shape, spatial) -> tuple[int, int, int, int]:
+    # forward (x, kernel) -> y; input_grad (dy, kernel) -> dx; weight_grad (x, dy) -> dkernel.
+    if kind == "forward":
+        return (a_shape[0], *spatial, b_shape[3])
+    if kind == "input_grad":
+        return (a_shape[0], *spatial, b_shape[2])
+    return (*spatial, a_shape[3], b_shape[3])
+
+
+def _ffi(kind: str, a, b, spatial, strides, padding, threads: int):
+    # has_side_effect: a call that reaches XLA's partitioner unpartitioned (not through
+    # `_pass`'s rule) would be split over a sharded batch with the wrong (global) shapes
+    # and return wrong values; marked as a side effect, it is refused at compile time
+    # instead ("Side-effect ops cannot be replicated").
+    shape = _result_shape(kind, a.shape, b.shape, spatial)
     return jax.ffi.ffi_call(FFI_TARGETS[kind], jax.ShapeDtypeStruct(shape, jnp.float32),
-                            vmap_method="sequential", has_side_effect=True)(
-        a, b, **_attributes(strides, padding))
+                            has_side_effect=True)(
+        a, b, **_attributes(strides, padding), threads=np.int64(threads))
+
+
+# One pass (static: kind, the result's spatial size, strides, padding) as an op XLA's
+# partitioner splits over the batch: in a program on one device it is the FFI call with
+# `default_threads()`; in a partitioned one, each device calls oneDNN on its shard of the
+# batch with `sharded_threads(mesh)` threads, kernels replicated, and the weight gradient
+# is summed over the batch's mesh axes. Every other dimension is kept whole.
+@functools.partial(custom_partitioning, static_argnums=(2, 3, 4, 5))
+def _pass(a, b, kind, spatial, strides, padding):
+    return _ffi(kind, a, b, spatial, strides, padding, default_threads())
+
+
+def _batch_axes(mesh, arg_shapes):
+    sharding = arg_shapes[0].sharding
+    if not isinstance(sharding, NamedSharding):
+        raise ValueError(
+            f"conv_impl='onednn' in a partitioned program needs its input's sharding on a "
+            f"named mesh (jax.sharding.NamedSharding); got {sharding!r}.")
+    spec = sharding.spec
+    return spec[0] if len(spec) else None
+
+
+def _shardings(kind, mesh, arg_shapes):
+    batch = _batch_axes(mesh, arg_shapes)
+    data = NamedSharding(mesh, PartitionSpec(batch))
+    whole = NamedSharding(mesh, PartitionSpec())
+    if kind == "weight_grad":
+        return batch, (data, data), whole
+    return batch, (data, whole), data
+
+
+def _partition(kind, spatial, strides, padding, mesh, arg_shapes, result_shape):
+    del result_shape
+    batch, arg_shardings, result_sharding = _shardings(kind, mesh, arg_shapes)
+    threads = sharded_threads(mesh)
+
+    def lower(a, b):
+        out = _ffi(kind, a, b, spatial, strides, padding, threads)
+        if kind == "weight_grad" and batch is not None:
+            out = jax.lax.psum(out, batch)
+        return out
+
+    return mesh, lower, result_sharding, arg_shardings
+
+
+def _infer_sharding(kind, spatial, strides, padding, mesh, arg_shapes, result_shape):
+    del spatial, strides, padding, result_shape
+    return _shardings(kind, mesh, arg_shapes)[2]
+
+
+def _sharding_rule(kind, *_):
+    rule = {"forward": "n h w c, k l c o -> n p q o",
+            "input_grad": "n p q o, k l c o -> n h w c",
+            "weight_grad": "n h w c, n p q o -> k l c o"}[kind]
+    # Only the batch (n) may be split; Shardy wants the factors in order of appearance.
+    factors = tuple(dict.fromkeys(f for f in rule if f.isalpha()))
+    return rule, dict(need_replication_factors=tuple(f for f in factors if f != "n"),
+                      reduction_factors=("n",) if kind == "weight_grad" else ())
+
+
+_pass.def_partition(_partition, infer_sharding_from_operands=_infer_sharding,
+                    propagate_user_sharding=None, sharding_rule=_sharding_rule)
+
+
+@functools.cache
+def _batchable_pass(kind, spatial, strides, padding):
+    """`_pass` with these static arguments, under ``vmap`` too (``custom_partitioning``
+    has no batching rule): a mapped axis over the images of a forward pass or an input
+    gradient with one kernel joins the batch (one oneDNN call); anything else runs one
+    call per mapped element."""
+
+    @jax.custom_batching.custom_vmap
+    def f(a, b):
+        return _pass(a, b, kind, spatial, strides, padding)
+
+    @f.def_vmap
+    def _rule(axis_size, in_batched, a, b):
+        a_batched, b_batched = in_batched
+        if kind != "weight_grad" and a_batched and not b_batched:
+            out = f(a.reshape(-1, *a.shape[2:]), b)
+            return out.reshape(axis_size, -1, *out.shape[1:]), True
+        a = a if a_batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+        b = b if b_batched else jnp.broadcast_to(b, (axis_size, *b.shape))
+        return jax.lax.map(lambda ab: f(*ab), (a, b)), True
+
+    return f
 
 
 def _forward(x, kernel, strides, padding):
-    shape = _output_shape(x.shape, kernel.shape, strides, padding)
-    return _call("forward", shape, x, kernel, strides, padding)
+    spatial = _output_shape(x.shape, kernel.shape, strides, padding)[1:3]
+    return _batchable_pass("forward", spatial, strides, padding)(x, kernel)
 
 
 def _input_grad(x, kernel, dy, strides, padding):
-    return _call("input_grad", x.shape, dy, kernel, strides, padding)
+    return _batchable_pass("input_grad", tuple(x.shape[1:3]), strides, padding)(dy, kernel)
 
 
 def _weight_grad(x, kernel, dy, strides, padding):
-    return _call("weight_grad", kernel.shape, x, dy, strides, padding)
+    return _batchable_pass("weight_grad", tuple(kernel.shape[:2]), strides, padding)(x, dy)
 
 
 _conv = conv_with_gradients(_forward, _input_grad, _weight_grad)

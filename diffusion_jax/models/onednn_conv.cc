@@ -1,6 +1,6 @@
 // oneDNN convolutions (NHWC activations, HWIO kernels, float32) as XLA FFI handlers:
 // the forward convolution, its input gradient and its weight gradient, each a oneDNN
-// primitive built once per shape and cached. Compiled and registered on first use by
+// primitive built once per shape (and thread count) and cached. Compiled and registered on first use by
 // diffusion_jax/models/onednn.py (see there for why and how it is used).
 #include <cstdint>
 #include <functional>
@@ -8,6 +8,8 @@
 #include <string>
 #include <unordered_map>
 #include <memory>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -36,9 +38,12 @@ const dnnl::primitive_attr& UserScratchpad() {
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw;
+  // OpenMP threads of the call: a primitive fixes its work split when it is created,
+  // so the count is part of the cache key.
+  int64_t threads;
   std::string Key(char kind) const {
     std::string k(1, kind);
-    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw}) {
+    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, plh, phh, plw, phw, threads}) {
       k += ',';
       k += std::to_string(v);
     }
@@ -84,10 +89,15 @@ std::shared_ptr<Cached> Get(const std::string& key, Make make) {
   return entry;
 }
 
+// Sets the OpenMP threads of this call: of the calling XLA thread, where OpenMP keeps the
+// setting, so every call sets it (threads of one pool serve programs that want different
+// counts).
 Geometry MakeGeometry(ffi::AnyBuffer::Dimensions xd, int64_t kh, int64_t kw, int64_t o,
                       ffi::AnyBuffer::Dimensions yd, int64_t sh, int64_t sw, int64_t plh,
-                      int64_t phh, int64_t plw, int64_t phw) {
-  return Geometry{xd[0], xd[1], xd[2], xd[3], kh, kw, o, yd[1], yd[2], sh, sw, plh, phh, plw, phw};
+                      int64_t phh, int64_t plw, int64_t phw, int64_t threads) {
+  omp_set_num_threads(static_cast<int>(threads > 0 ? threads : 1));
+  return Geometry{xd[0], xd[1], xd[2], xd[3], kh, kw, o, yd[1], yd[2], sh, sw,
+                  plh, phh, plw, phw, omp_get_max_threads()};
 }
 
 template <typename PrimitiveDesc>
@@ -140,10 +150,10 @@ ffi::Error Guard(const std::function<void()>& body) {
 
 ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t plh,
-                           int64_t phh, int64_t plw, int64_t phw) {
+                           int64_t phh, int64_t plw, int64_t phw, int64_t threads) {
   auto wd = w.dimensions();
   Geometry g = MakeGeometry(x.dimensions(), wd[0], wd[1], wd[3], y->dimensions(), sh, sw, plh,
-                            phh, plw, phw);
+                            phh, plw, phw, threads);
   return Guard([&] {
     auto c = Get(g.Key('f'), [&] {
       auto pd = g.Forward();
@@ -163,10 +173,10 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                                 ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
-                                int64_t plh, int64_t phh, int64_t plw, int64_t phw) {
+                                int64_t plh, int64_t phh, int64_t plw, int64_t phw, int64_t threads) {
   auto wd = w.dimensions();
   Geometry g = MakeGeometry(dx->dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, plh,
-                            phh, plw, phw);
+                            phh, plw, phw, threads);
   return Guard([&] {
     auto c = Get(g.Key('d'), [&] {
       auto pd = dnnl::convolution_backward_data::primitive_desc(
@@ -188,10 +198,10 @@ ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> 
 
 ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                    ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
-                                   int64_t plh, int64_t phh, int64_t plw, int64_t phw) {
+                                   int64_t plh, int64_t phh, int64_t plw, int64_t phw, int64_t threads) {
   auto wd = dw->dimensions();
   Geometry g = MakeGeometry(x.dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, plh,
-                            phh, plw, phw);
+                            phh, plw, phw, threads);
   return Guard([&] {
     auto c = Get(g.Key('w'), [&] {
       auto pd = dnnl::convolution_backward_weights::primitive_desc(
@@ -216,7 +226,8 @@ ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32
 
 #define DJ_CONV_ATTRS                                                                 \
   .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_lo_h")     \
-      .Attr<int64_t>("pad_hi_h").Attr<int64_t>("pad_lo_w").Attr<int64_t>("pad_hi_w")
+      .Attr<int64_t>("pad_hi_h").Attr<int64_t>("pad_lo_w").Attr<int64_t>("pad_hi_w")    \
+      .Attr<int64_t>("threads")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DjConvForward, ConvForwardImpl,
                               ffi::Ffi::Bind()

@@ -395,7 +395,7 @@ class UNet(nn.Module):
         'xla' or 'dilated' (`diffusion_jax.models.conv`; the same values, a faster
         program on the CPU). 'auto' takes 'dilated' for float32 on the CPU backend.
       conv_impl: who computes the convolutions: 'xla' (with ``conv_weight_grad``) or
-        'onednn' (oneDNN through XLA's FFI, float32 on the CPU, one device;
+        'onednn' (oneDNN through XLA's FFI, float32 on the CPU, split over the batch;
         `diffusion_jax.models.onednn`).
       dropout_rng: how the dropout masks are drawn: 'hash' (a counter-based hash, fast
         on every backend) or 'jax' (``jax.random.bernoulli``, flax's ``nn.Dropout``);

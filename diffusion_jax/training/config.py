@@ -11,7 +11,7 @@ fails):
   attn_resolutions, dropout, num_classes, dtype ('float32' | 'bfloat16' compute),
   conv_weight_grad ('auto' | 'xla' | 'dilated': the program of the convolutions' weight
   gradients, `diffusion_jax.models.conv`), conv_impl ('xla' | 'onednn': who computes
-  the convolutions; 'onednn' is float32 on a CPU with one device,
+  the convolutions; 'onednn' is float32 on a CPU, data parallel over any mesh,
   `diffusion_jax.models.onednn`), dropout_rng ('hash' | 'jax': how dropout
   masks are drawn, `diffusion_jax.models.dropout`); MLP fields features, activation,
   per_step_readout.

@@ -81,13 +81,6 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
             f"model.conv_impl='onednn' computes in float32; model.dtype is "
             f"{config.model.dtype!r}. Use model.conv_impl='xla' for other dtypes."
         )
-    if config.model.conv_impl == "onednn" and jax.device_count() > 1:
-        raise ValueError(
-            f"model.conv_impl='onednn' runs each convolution on one device (XLA cannot "
-            f"partition its FFI call), and this run has {jax.device_count()} devices: run "
-            "it with one (on a CPU: JAX_NUM_CPU_DEVICES=1, and no "
-            "--xla_force_host_platform_device_count), or use model.conv_impl='xla'."
-        )
     gaussian.check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
     gaussian.check_choice("sample.spacing", config.sample.spacing, SPACINGS)
     _require_positive_int("diffusion.num_timesteps", d.num_timesteps)
