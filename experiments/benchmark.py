@@ -528,13 +528,17 @@ def environment() -> dict[str, Any]:
 
 
 def make_config(model: str, dtype: str = "float32", *, num_timesteps: int = 1000,
-                conv_weight_grad: str = "auto", conv_impl: str = "xla"):
+                conv_weight_grad: str = "auto", conv_impl: str = "auto"):
     """The DDPM CIFAR-10 config with the named U-Net size, compute dtype, form of the
-    convolutions' weight gradients and convolution library (``conv_impl``, used for
-    float32; oneDNN has no bfloat16 path here, so other dtypes keep XLA's)."""
+    convolutions' weight gradients and convolution library (``conv_impl`` resolved by
+    `conv.resolve_impl`, used for float32; oneDNN has no bfloat16 path here, so other
+    dtypes keep XLA's)."""
     config = ddpm_cifar.get_config()
     config.model.conv_weight_grad = conv_weight_grad
-    config.model.conv_impl = conv_impl if dtype == "float32" else "xla"
+    if dtype == "float32":
+        config.model.conv_impl = conv_lib.resolve_impl(conv_impl, DTYPES[dtype])[0]
+    else:
+        config.model.conv_impl = "xla"
     ch, ch_mult, blocks, attn = MODELS[model]
     config.model.ch, config.model.ch_mult = ch, ch_mult
     config.model.num_res_blocks, config.model.attn_resolutions = blocks, attn
@@ -756,7 +760,7 @@ def bench_sampling(args, peaks: dict) -> list[dict[str, Any]]:
         case = {
             "case": "sample", "sampler": sampler, "model": args.eval_model,
             "dtype": args.eval_dtype, "batch": args.sample_batch, "devices": mesh.size,
-            "network_evals": args.sample_steps, "compile_s": compile_s,
+            "conv_impl": config.model.conv_impl, "network_evals": args.sample_steps, "compile_s": compile_s,
             "step_s": statistics.median(times), "step_s_all": [round(t, 4) for t in times],
             "memory": memory_report(compiled), "load_average": load_average(),
         }
@@ -795,6 +799,7 @@ def bench_bpd(args, peaks: dict) -> dict[str, Any]:
     case = {
         "case": "bpd", "model": args.eval_model, "dtype": args.eval_dtype,
         "batch": args.bpd_batch, "devices": mesh.size, "num_timesteps": args.bpd_timesteps,
+        "conv_impl": config.model.conv_impl,
         "compile_s": compile_s, "step_s": statistics.median(times),
         "step_s_all": [round(t, 4) for t in times],
         "mean_total_bpd_of_untrained_model": float(np.mean(total_bpd)),
@@ -855,7 +860,8 @@ def bench_loop(args) -> dict[str, Any]:
     last = json.loads(lines[-1])  # the second half: compiled, steady state
     return {
         "case": "train_loop", "model": args.loop_model, "batch": args.loop_batch,
-        "devices": jax.device_count(), "steps": args.loop_steps, "wall_s_with_compile": wall,
+        "devices": jax.device_count(), "conv_impl": config.model.conv_impl,
+        "steps": args.loop_steps, "wall_s_with_compile": wall,
         "steps_per_sec": last.get("steps_per_sec"), "images_per_s": last.get("images_per_sec"),
         "data_wait_fraction": last.get("data_wait_fraction"),
         "load_average": load_average(),
@@ -899,10 +905,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "allocator's pools are built on the first calls)")
     p.add_argument("--conv-weight-grad", default="auto", choices=conv_lib.WEIGHT_GRADS,
                    help="the U-Net's conv_weight_grad in the train, sample and bpd cases")
-    p.add_argument("--conv-impl", default="xla", choices=conv_lib.IMPLS,
+    p.add_argument("--conv-impl", default="auto", choices=conv_lib.IMPL_CHOICES,
                    help="who computes the U-Net's float32 convolutions in the train, sample, "
-                        "bpd and loop cases: 'xla', or 'onednn' (the onednn extra and a C++ "
-                        "compiler; one device: use with --cpu-devices=1)")
+                        "bpd and loop cases: 'xla', 'onednn' (the onednn extra and a C++ "
+                        "compiler), or 'auto' (the training default: oneDNN on a CPU where "
+                        "it can be built, else XLA)")
     p.add_argument("--conv-model", default="cifar",
                    help="U-Net whose levels give the conv case's shapes")
     p.add_argument("--conv-batch", type=int, default=32, help="batch of the conv case")
@@ -1088,9 +1095,12 @@ def _conv_key(case: dict[str, Any]) -> tuple[int, int, int, int]:
     return case["batch"], case["side"], case["in_ch"], case["out_ch"]
 
 
+def _impl_label(case: dict[str, Any]) -> str:
+    return ", oneDNN convs" if case.get("conv_impl") == "onednn" else ""
+
+
 def _train_label(case: dict[str, Any]) -> str:
-    impl = ", oneDNN convs" if case.get("conv_impl") == "onednn" else ""
-    return f"train step, {case.get('model')} U-Net, {case.get('dtype')}{impl}"
+    return f"train step, {case.get('model')} U-Net, {case.get('dtype')}{_impl_label(case)}"
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -1105,11 +1115,12 @@ def markdown_table(result: dict[str, Any]) -> str:
         if c["case"] == "conv":
             continue
         name = {"train_step": _train_label(c),
-                "sample": f"sample, {c.get('sampler')}, {c.get('network_evals')} evaluations",
-                "bpd": f"bound, T = {c.get('num_timesteps')}",
+                "sample": f"sample, {c.get('sampler')}, {c.get('network_evals')} evaluations"
+                          f"{_impl_label(c)}",
+                "bpd": f"bound, T = {c.get('num_timesteps')}{_impl_label(c)}",
                 "data": f"input pipeline, prefetch {c.get('prefetch')}",
-                "train_loop": f"train loop, {c.get('model')} U-Net, input wait "
-                              f"{100 * (c.get('data_wait_fraction') or 0):.2f} %"}[c["case"]]
+                "train_loop": f"train loop, {c.get('model')} U-Net{_impl_label(c)}, input "
+                              f"wait {100 * (c.get('data_wait_fraction') or 0):.2f} %"}[c["case"]]
 
         def fmt(key, scale=1.0, digits=1):
             value = c.get(key)

@@ -113,6 +113,21 @@ def test_auto_is_dilated_for_float32_on_the_cpu_only():
     assert "lhs_dilate = [2, 2]" in _lowered_gradient("auto")
 
 
+def test_auto_impl_is_onednn_for_float32_on_the_cpu_where_it_can_be_built(monkeypatch):
+    assert jax.default_backend() == "cpu"
+    assert conv.resolve_impl("xla", jnp.float32) == ("xla", "asked for")
+    assert conv.resolve_impl("onednn", jnp.float32) == ("onednn", "asked for")
+    impl, why = conv.resolve_impl("auto", jnp.bfloat16)
+    assert impl == "xla" and "bfloat16" in why
+    monkeypatch.setattr(conv.onednn, "unavailable_reason", lambda: "no compiler here")
+    assert conv.resolve_impl("auto", jnp.float32) == ("xla", "no compiler here")
+    monkeypatch.setattr(conv.onednn, "unavailable_reason", lambda: None)
+    assert conv.resolve_impl("auto", jnp.float32)[0] == "onednn"
+    with pytest.raises(ValueError, match=r"conv impl must be one of \('auto', 'xla', "
+                                         r"'onednn'\); got 'mkl'"):
+        conv.resolve_impl("mkl", jnp.float32)
+
+
 def test_bad_arguments_are_refused():
     x, kernel = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
     with pytest.raises(ValueError, match=r"weight_grad must be one of \('auto', 'xla', "

@@ -115,6 +115,19 @@ def test_unet_matches_xla():
                  grads["onednn"], grads["xla"])
 
 
+def test_unet_auto_takes_onednn_for_float32_only():
+    x, t = _inputs(jax.random.key(1))
+
+    def targets(dtype):
+        model = UNet(**TINY, dtype=dtype, conv_impl="auto")
+        params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, train=False))
+        jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, x, t, train=False))(params))
+        return set(re.findall(r"DjConv\w+", jaxpr))
+
+    assert targets(jnp.float32) == {"DjConvForward"}
+    assert targets(jnp.bfloat16) == set()
+
+
 @pytest.mark.parametrize("devices, axes", [(8, ("data",)), (8, ("data", "model")), (1, ("data",))])
 def test_sharded_batch_matches_one_device(devices, axes):
     # XLA's partitioner splits each pass over the batch: every device calls oneDNN on its

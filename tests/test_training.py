@@ -187,12 +187,24 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(state)))
 
 
-def test_onednn_convolutions_need_float32(monkeypatch):
+def test_onednn_convolutions_need_float32():
     config = toy_config()
     config.model.update(conv_impl="onednn", dtype="bfloat16")
-    monkeypatch.setattr(jax, "device_count", lambda: 1)  # past the one-device check
     with pytest.raises(ValueError, match=r"conv_impl='onednn' computes in float32; "
                                          r"model.dtype is 'bfloat16'"):
         setup.validate_config(config)
     config.model.dtype = "float32"
     setup.validate_config(config)
+
+
+def test_auto_conv_impl_is_logged(caplog, monkeypatch):
+    config = one_level_cifar_config()
+    assert config.model.conv_impl == "auto"
+    monkeypatch.setattr(setup.conv.onednn, "unavailable_reason", lambda: "no compiler here")
+    with caplog.at_level("INFO"):
+        model = setup.create_model(config, data.dataset_info(config.data))
+    assert model.conv_impl == "auto"
+    assert "model.conv_impl='auto': xla convolutions (no compiler here)" in caplog.text
+    config.model.conv_impl = "mkl"
+    with pytest.raises(ValueError, match=r"conv_impl.*'mkl'.*'auto', 'xla', 'onednn'"):
+        setup.validate_config(config)

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import conv as conv_lib
 from diffusion_jax.models.conv import Conv, conv2d
 from diffusion_jax.models.dropout import Dropout
 
@@ -394,9 +395,10 @@ class UNet(nn.Module):
       conv_weight_grad: how the convolutions' weight gradients are computed: 'auto',
         'xla' or 'dilated' (`diffusion_jax.models.conv`; the same values, a faster
         program on the CPU). 'auto' takes 'dilated' for float32 on the CPU backend.
-      conv_impl: who computes the convolutions: 'xla' (with ``conv_weight_grad``) or
+      conv_impl: who computes the convolutions: 'xla' (with ``conv_weight_grad``),
         'onednn' (oneDNN through XLA's FFI, float32 on the CPU, split over the batch;
-        `diffusion_jax.models.onednn`).
+        `diffusion_jax.models.onednn`) or 'auto' (oneDNN for float32 on the CPU where it
+        can be built, else XLA; `diffusion_jax.models.conv.resolve_impl`).
       dropout_rng: how the dropout masks are drawn: 'hash' (a counter-based hash, fast
         on every backend) or 'jax' (``jax.random.bernoulli``, flax's ``nn.Dropout``);
         see `diffusion_jax.models.dropout`.
@@ -435,9 +437,9 @@ class UNet(nn.Module):
         """
         self._check_inputs(x, t, y)
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv_kwargs = dict(kwargs, conv_weight_grad=self.conv_weight_grad,
-                           conv_impl=self.conv_impl)
-        conv = dict(kwargs, weight_grad=self.conv_weight_grad, impl=self.conv_impl)
+        impl, _ = conv_lib.resolve_impl(self.conv_impl, self.dtype)
+        conv_kwargs = dict(kwargs, conv_weight_grad=self.conv_weight_grad, conv_impl=impl)
+        conv = dict(kwargs, weight_grad=self.conv_weight_grad, impl=impl)
         out_channels = self.out_channels or x.shape[-1]
 
         temb = timestep_embedding(t, self.ch)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -75,7 +76,7 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
     gaussian.check_choice("model.conv_weight_grad", config.model.conv_weight_grad,
                           conv.WEIGHT_GRADS)
     gaussian.check_choice("model.dropout_rng", config.model.dropout_rng, dropout.DROPOUT_RNGS)
-    gaussian.check_choice("model.conv_impl", config.model.conv_impl, conv.IMPLS)
+    gaussian.check_choice("model.conv_impl", config.model.conv_impl, conv.IMPL_CHOICES)
     if config.model.conv_impl == "onednn" and config.model.dtype != "float32":
         raise ValueError(
             f"model.conv_impl='onednn' computes in float32; model.dtype is "
@@ -110,6 +111,9 @@ def create_model(config: ml_collections.ConfigDict, info) -> nn.Module:
             raise ValueError(
                 f"model.num_classes = {num_classes} but data set {info.name!r} has no labels."
             )
+        if m.conv_impl == "auto":
+            impl, why = conv.resolve_impl("auto", DTYPES[m.dtype])
+            logging.info("model.conv_impl='auto': %s convolutions (%s)", impl, why)
         return UNet(
             ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
             attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_channels=out,
