@@ -907,7 +907,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the U-Net's conv_weight_grad in the train, sample and bpd cases")
     p.add_argument("--conv-impl", default="auto", choices=conv_lib.IMPL_CHOICES,
                    help="who computes the U-Net's float32 convolutions in the train, sample, "
-                        "bpd and loop cases: 'xla', 'onednn' (the onednn extra and a C++ "
+                        "bpd and loop cases: 'xla', 'onednn' (oneDNN's wheels and a C++ "
                         "compiler), or 'auto' (the training default: oneDNN on a CPU where "
                         "it can be built, else XLA)")
     p.add_argument("--conv-model", default="cifar",

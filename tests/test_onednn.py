@@ -3,9 +3,9 @@ the float64 NumPy sums of tests/test_conv.py for every geometry the U-Net uses, 
 with conv_impl='onednn' against XLA's, sharded input (partitioned over the batch), the
 build cache, and bad input.
 
-These tests need the ``onednn`` extra (part of ``test``) and a C++ compiler; they are
-skipped only off x86_64 Linux (no wheels) or with no compiler at all, and otherwise fail
-with the reason."""
+These tests need oneDNN's wheels (dependencies on x86_64 Linux) and a C++ compiler; they
+are skipped only off x86_64 Linux (no wheels) or with no compiler at all, and otherwise
+fail with the reason."""
 
 import json
 import re
@@ -262,7 +262,8 @@ def test_bad_input():
 
 def test_missing_library_or_compiler_is_explained(monkeypatch, tmp_path):
     monkeypatch.setattr(onednn, "_prefixes", lambda: [tmp_path])
-    with pytest.raises(onednn.OneDNNUnavailableError, match=r'pip install -e "\.\[onednn\]"'):
+    with pytest.raises(onednn.OneDNNUnavailableError,
+                       match=r"onednn-devel-cpu-gomp wheels, `pip install -e \.`"):
         onednn._find_onednn()
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)

@@ -8,7 +8,7 @@ forward convolution, the input gradient and the weight gradient (a ``custom_vjp`
 leaves every other op of the program to XLA. The U-Net takes it with
 ``conv_impl='onednn'`` (config ``model.conv_impl``).
 
-Requirements (the ``onednn`` extra, ``pip install -e ".[onednn]"``, brings the first two):
+Requirements (the project's dependencies bring the first two on x86_64 Linux):
 
 - oneDNN's shared library and headers: the PyPI wheels ``onednn-cpu-gomp`` and
   ``onednn-devel-cpu-gomp`` (oneDNN 3.2, GNU OpenMP threading), found under the Python
@@ -91,8 +91,9 @@ def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
     raise OneDNNUnavailableError(
         "conv_impl='onednn' needs oneDNN's library and headers, looked for under "
         f"{[str(p) for p in _prefixes()]} (lib/libdnnl.so.3, include/oneapi/dnnl/dnnl.hpp): "
-        "install them with `pip install -e \".[onednn]\"` (the onednn-cpu-gomp and "
-        "onednn-devel-cpu-gomp wheels), or use conv_impl='xla'."
+        "the project installs them on x86_64 Linux (the onednn-cpu-gomp and "
+        "onednn-devel-cpu-gomp wheels, `pip install -e .`; no wheels exist elsewhere), or "
+        "use conv_impl='xla'."
     )
 
 
