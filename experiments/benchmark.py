@@ -87,10 +87,12 @@ markdown gets a second table. ``op_time_by_kind(trace, program)`` sums a saved t
 
 Batches are global, split over the devices of the mesh (multiples of the device count).
 ``--conv-weight-grad`` sets the U-Net's ``conv_weight_grad`` ('auto': the dilated form
-for float32 on a CPU; 'xla' times XLA's own weight gradients). ``--conv-impl=onednn``
-computes the float32 convolutions with oneDNN (`diffusion_jax.models.onednn`; on one
-device its calls use every core, on several each device convolves its shard of the batch
-on its share of the cores). Set ``XLA_FLAGS`` in the
+for float32 on a CPU; 'xla' times XLA's own weight gradients). ``--conv-impl`` chooses
+who computes the float32 convolutions: 'auto' (the default, as in training: oneDNN's on
+a CPU where they can be built, `diffusion_jax.models.conv.resolve_impl`), 'onednn'
+(`diffusion_jax.models.onednn`; on one device its calls use every core, on several each
+device convolves its shard of the batch on its share of the cores) or 'xla'; the rows
+that used oneDNN say "oneDNN convs". Set ``XLA_FLAGS`` in the
 environment to try XLA options; the JSON records them.
 """
 

@@ -128,13 +128,19 @@ def test_unet_auto_takes_onednn_for_float32_only():
     assert targets(jnp.bfloat16) == set()
 
 
-@pytest.mark.parametrize("devices, axes", [(8, ("data",)), (8, ("data", "model")), (1, ("data",))])
-def test_sharded_batch_matches_one_device(devices, axes):
+@pytest.mark.parametrize("mesh_shape, batch_axes, batch", [
+    ((8,), ("data",), 16),                 # one device per shard
+    ((4, 2), ("data", "model"), 16),       # the batch over both axes of a 2-D mesh
+    ((4, 2), ("data",), 16),               # over one of them: the sum is over 'data' only
+    ((8,), None, 16),                      # whole on every device: nothing to sum
+    ((1,), ("data",), 16),                 # one device: the bare call
+])
+def test_sharded_batch_matches_one_device(mesh_shape, batch_axes, batch):
     # XLA's partitioner splits each pass over the batch: every device calls oneDNN on its
     # shard (local shapes, this process's cores shared out), the kernel stays whole, and
     # the weight gradient is summed over the batch's mesh axes.
     rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.standard_normal((16, 8, 8, 16)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((batch, 8, 8, 16)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 24)) / 12, jnp.float32)
     pads = ((1, 1), (1, 1))
 
@@ -143,26 +149,54 @@ def test_sharded_batch_matches_one_device(devices, axes):
 
     grad = jax.value_and_grad(loss("onednn"), (0, 1))
     want = jax.jit(jax.value_and_grad(loss("xla"), (0, 1)))(x, kernel)
-    shape = (devices // 2, 2) if len(axes) == 2 else (devices,)
-    mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(shape), axes)
-    batch = NamedSharding(mesh, PartitionSpec(axes))
-    f = jax.jit(grad, in_shardings=(batch, NamedSharding(mesh, PartitionSpec())))
+    devices = int(np.prod(mesh_shape))
+    mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(mesh_shape),
+                ("data", "model")[:len(mesh_shape)])
+    spec = PartitionSpec(batch_axes) if batch_axes else PartitionSpec()
+    f = jax.jit(grad, in_shardings=(NamedSharding(mesh, spec),
+                                   NamedSharding(mesh, PartitionSpec())))
     got = f(x, kernel)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         scale = float(jnp.max(jnp.abs(b)))
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale, rtol=0)
-    if devices > 1:
-        assert got[1][0].sharding.spec == PartitionSpec(axes)  # dL/dx stays split
+
+    shards = int(np.prod([mesh.shape[a] for a in batch_axes or ()]))
+    split = devices > 1 and shards > 1 and batch % shards == 0
     hlo = f.lower(x, kernel).compile().as_text()
     calls = re.findall(r"f32\[([\d,]+)\][^\n]*custom_call_target=\"(DjConv\w+)\"", hlo)
-    local = str(16 // devices)
     assert {target for _, target in calls} == set(onednn.FFI_TARGETS.values())
+    local = batch // shards if split else batch
     for dims, target in calls:  # each device computes on its shard's shapes
-        assert dims.split(",")[0] == ("3" if target == "DjConvBackwardWeights" else local)
-    assert ("all-reduce" in hlo) == (devices > 1)
+        assert dims.split(",")[0] == ("3" if target == "DjConvBackwardWeights" else str(local))
+    # The weight gradient's all-reduce (over the batch's axes only: summed over 'model'
+    # too, the (4, 2) mesh's gradient with the batch over 'data' would come out doubled).
+    assert bool(re.search(r"f32\[3,3,16,24\][^\n]*? all-reduce\(", hlo)) == split
     threads = {int(v) for v in re.findall(r"threads = (\d+)", hlo)}
     assert threads == ({onednn.sharded_threads(mesh)} if devices > 1
                        else {onednn.default_threads()})
+    if split:
+        assert got[1][0].sharding.spec == spec  # dL/dx stays split
+
+
+def test_batch_axes_of_the_partitioning_rule():
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+
+    def axes(shape, spec):
+        sharding = NamedSharding(mesh, spec)
+        return onednn._batch_axes(mesh, [jax.ShapeDtypeStruct(shape, jnp.float32,
+                                                              sharding=sharding)])
+
+    assert axes((12, 8, 8, 16), PartitionSpec("data")) == "data"
+    assert axes((16, 8, 8, 16), PartitionSpec(("data", "model"))) == ("data", "model")
+    # A batch of 12 over 8 shards would be padded, and the padding summed into the weight
+    # gradient: it stays whole.
+    assert axes((12, 8, 8, 16), PartitionSpec(("data", "model"))) is None
+    assert axes((16, 8, 8, 16), PartitionSpec()) is None
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with pytest.raises(ValueError, match=r"need the batch's sharding on a named mesh; got "
+                                         r"SingleDeviceSharding.*NamedSharding in_shardings"):
+        onednn._batch_axes(mesh, [jax.ShapeDtypeStruct((16, 8, 8, 16), jnp.float32,
+                                                       sharding=one_device)])
 
 
 def test_unpartitioned_call_on_a_sharded_batch_is_refused():

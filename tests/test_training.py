@@ -203,7 +203,7 @@ def test_auto_conv_impl_is_logged(caplog, monkeypatch):
     monkeypatch.setattr(setup.conv.onednn, "unavailable_reason", lambda: "no compiler here")
     with caplog.at_level("INFO"):
         model = setup.create_model(config, data.dataset_info(config.data))
-    assert model.conv_impl == "auto"
+    assert model.conv_impl == "xla"
     assert "model.conv_impl='auto': xla convolutions (no compiler here)" in caplog.text
     config.model.conv_impl = "mkl"
     with pytest.raises(ValueError, match=r"conv_impl.*'mkl'.*'auto', 'xla', 'onednn'"):

@@ -6,7 +6,8 @@ the weight gradient, while oneDNN (the library PyTorch uses on CPUs) runs the sa
 convolutions at 205-240 GFLOP/s in all three passes. `conv2d` here calls oneDNN for the
 forward convolution, the input gradient and the weight gradient (a ``custom_vjp``), and
 leaves every other op of the program to XLA. The U-Net takes it with
-``conv_impl='onednn'`` (config ``model.conv_impl``).
+``conv_impl='onednn'``, or ``'auto'`` (config ``model.conv_impl``, whose default it is)
+where it can be built (`diffusion_jax.models.conv.resolve_impl`).
 
 Requirements (the project's dependencies bring the first two on x86_64 Linux):
 
@@ -38,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import pathlib
 import shutil
@@ -66,6 +68,10 @@ FFI_TARGETS = {
     "input_grad": "DjConvBackwardData",
     "weight_grad": "DjConvBackwardWeights",
 }
+# The handlers' OpenMP calls resolve to the GNU OpenMP that libdnnl.so.3 loads, so no
+# -fopenmp (which would link another runtime under clang).
+_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
+_WHEELS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -76,9 +82,28 @@ class OneDNNUnavailableError(RuntimeError):
     """oneDNN convolutions were asked for but cannot be built or loaded here."""
 
 
+def _wheel_prefixes() -> list[pathlib.Path]:
+    """Where the wheels put their files (their data directory), from their metadata:
+    pip's --prefix, --user or a distribution's scheme may differ from ``sys.prefix``."""
+    found = []
+    for name in _WHEELS:
+        try:
+            files = importlib.metadata.distribution(name).files or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for file in files:
+            path = pathlib.Path(os.path.normpath(file.locate()))
+            if path.name == "libdnnl.so.3" and path.parent.name == "lib":
+                found.append(path.parents[1])
+            elif path.name == "dnnl.hpp" and path.parts[-4:-1] == ("include", "oneapi", "dnnl"):
+                found.append(path.parents[3])
+    return found
+
+
 def _prefixes() -> list[pathlib.Path]:
-    candidates = [sys.prefix, sys.base_prefix, getattr(site, "USER_BASE", None)]
-    return [pathlib.Path(p) for p in dict.fromkeys(c for c in candidates if c)]
+    candidates = [sys.prefix, sys.base_prefix, getattr(site, "USER_BASE", None),
+                  *_wheel_prefixes()]
+    return list(dict.fromkeys(pathlib.Path(c).resolve() for c in candidates if c))
 
 
 def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
@@ -121,6 +146,7 @@ def _build(include: pathlib.Path, lib: pathlib.Path) -> pathlib.Path:
     jax_include = pathlib.Path(jax.ffi.include_dir())
     digest = hashlib.sha256(b"\0".join([
         source, jaxlib.__version__.encode(), str((lib / "libdnnl.so.3").resolve()).encode(),
+        " ".join(_FLAGS).encode(),
     ])).hexdigest()[:16]
     target = _cache_dir() / f"djconv_{digest}.so"
     if target.is_file():
@@ -129,9 +155,8 @@ def _build(include: pathlib.Path, lib: pathlib.Path) -> pathlib.Path:
     compiler = _compiler()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = pathlib.Path(tmp) / target.name
-        command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", str(_SOURCE),
-                   "-o", str(out), f"-I{include}", f"-I{jax_include}", f"-L{lib}", "-ldnnl",
-                   f"-Wl,-rpath,{lib}"]
+        command = [compiler, *_FLAGS, str(_SOURCE), "-o", str(out), f"-I{include}",
+                   f"-I{jax_include}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise OneDNNUnavailableError(
@@ -205,7 +230,9 @@ def default_threads() -> int:
 def sharded_threads(mesh) -> int:
     """OpenMP threads of each oneDNN call in a program partitioned over ``mesh``: this
     process's cores shared by its devices of the mesh (at least one), since every device
-    runs its shard at the same time. ``OMP_NUM_THREADS`` still caps it."""
+    runs its shard at the same time. ``OMP_NUM_THREADS`` still caps it. (Under
+    ``shard_map`` or ``pmap`` the program is already per device and the calls take
+    `default_threads`: set ``OMP_NUM_THREADS`` to the cores per device there.)"""
     local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     return max(1, min(default_threads(), _cores() // max(1, local)))
 
@@ -241,13 +268,21 @@ def _pass(a, b, kind, spatial, strides, padding):
 
 
 def _batch_axes(mesh, arg_shapes):
+    """The mesh axes the batch is split over (None: whole on every device). A batch that
+    does not divide evenly stays whole: XLA would pad the last shards, and the padding
+    would enter the summed weight gradient."""
     sharding = arg_shapes[0].sharding
     if not isinstance(sharding, NamedSharding):
         raise ValueError(
-            f"conv_impl='onednn' in a partitioned program needs its input's sharding on a "
-            f"named mesh (jax.sharding.NamedSharding); got {sharding!r}.")
+            f"oneDNN convolutions in a partitioned program need the batch's sharding on a "
+            f"named mesh; got {sharding!r}. Pass jax.sharding.NamedSharding in_shardings "
+            f"(or run under a mesh), or use conv_impl='xla'.")
     spec = sharding.spec
-    return spec[0] if len(spec) else None
+    batch = spec[0] if len(spec) else None
+    if batch is None:
+        return None
+    shards = int(np.prod([mesh.shape[a] for a in ((batch,) if isinstance(batch, str) else batch)]))
+    return batch if arg_shapes[0].shape[0] % shards == 0 else None
 
 
 def _shardings(kind, mesh, arg_shapes):
@@ -307,8 +342,8 @@ def _batchable_pass(kind, spatial, strides, padding):
     def _rule(axis_size, in_batched, a, b):
         a_batched, b_batched = in_batched
         if kind != "weight_grad" and a_batched and not b_batched:
-            out = f(a.reshape(-1, *a.shape[2:]), b)
-            return out.reshape(axis_size, -1, *out.shape[1:]), True
+            out = f(a.reshape(axis_size * a.shape[1], *a.shape[2:]), b)
+            return out.reshape(axis_size, a.shape[1], *out.shape[1:]), True
         a = a if a_batched else jnp.broadcast_to(a, (axis_size, *a.shape))
         b = b if b_batched else jnp.broadcast_to(b, (axis_size, *b.shape))
         return jax.lax.map(lambda ab: f(*ab), (a, b)), True

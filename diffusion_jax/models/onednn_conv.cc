@@ -1,7 +1,7 @@
 // oneDNN convolutions (NHWC activations, HWIO kernels, float32) as XLA FFI handlers:
 // the forward convolution, its input gradient and its weight gradient, each a oneDNN
-// primitive built once per shape (and thread count) and cached. Compiled and registered on first use by
-// diffusion_jax/models/onednn.py (see there for why and how it is used).
+// primitive built once per shape (and thread count) and cached. Compiled and registered
+// on first use by diffusion_jax/models/onednn.py (see there for why and how it is used).
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -9,10 +9,16 @@
 #include <unordered_map>
 #include <memory>
 
-#include <omp.h>
-
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+
+// GNU OpenMP, which libdnnl.so.3 (the GOMP build) loads: declared rather than included,
+// so that neither <omp.h> nor -fopenmp is needed (with clang, -fopenmp would bring
+// LLVM's runtime, whose settings oneDNN's threads would never see).
+extern "C" {
+void omp_set_num_threads(int);
+int omp_get_max_threads(void);
+}
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -89,13 +95,25 @@ std::shared_ptr<Cached> Get(const std::string& key, Make make) {
   return entry;
 }
 
-// Sets the OpenMP threads of this call: of the calling XLA thread, where OpenMP keeps the
-// setting, so every call sets it (threads of one pool serve programs that want different
-// counts).
+// The OpenMP threads of one call: OpenMP keeps the count per calling thread, so it is set
+// for the call and the caller's own count restored after it (threads of XLA's pool serve
+// programs that want different counts, and the caller may use OpenMP itself).
+class CallThreads {
+ public:
+  explicit CallThreads(int64_t threads) : saved_(omp_get_max_threads()) {
+    omp_set_num_threads(static_cast<int>(threads > 0 ? threads : 1));
+  }
+  ~CallThreads() { omp_set_num_threads(saved_); }
+  CallThreads(const CallThreads&) = delete;
+  CallThreads& operator=(const CallThreads&) = delete;
+
+ private:
+  int saved_;
+};
+
 Geometry MakeGeometry(ffi::AnyBuffer::Dimensions xd, int64_t kh, int64_t kw, int64_t o,
                       ffi::AnyBuffer::Dimensions yd, int64_t sh, int64_t sw, int64_t plh,
-                      int64_t phh, int64_t plw, int64_t phw, int64_t threads) {
-  omp_set_num_threads(static_cast<int>(threads > 0 ? threads : 1));
+                      int64_t phh, int64_t plw, int64_t phw) {
   return Geometry{xd[0], xd[1], xd[2], xd[3], kh, kw, o, yd[1], yd[2], sh, sw,
                   plh, phh, plw, phw, omp_get_max_threads()};
 }
@@ -152,8 +170,9 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t plh,
                            int64_t phh, int64_t plw, int64_t phw, int64_t threads) {
   auto wd = w.dimensions();
+  CallThreads call_threads(threads);
   Geometry g = MakeGeometry(x.dimensions(), wd[0], wd[1], wd[3], y->dimensions(), sh, sw, plh,
-                            phh, plw, phw, threads);
+                            phh, plw, phw);
   return Guard([&] {
     auto c = Get(g.Key('f'), [&] {
       auto pd = g.Forward();
@@ -173,10 +192,12 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                                 ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
-                                int64_t plh, int64_t phh, int64_t plw, int64_t phw, int64_t threads) {
+                                int64_t plh, int64_t phh, int64_t plw, int64_t phw,
+                                int64_t threads) {
   auto wd = w.dimensions();
+  CallThreads call_threads(threads);
   Geometry g = MakeGeometry(dx->dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, plh,
-                            phh, plw, phw, threads);
+                            phh, plw, phw);
   return Guard([&] {
     auto c = Get(g.Key('d'), [&] {
       auto pd = dnnl::convolution_backward_data::primitive_desc(
@@ -198,10 +219,12 @@ ffi::Error ConvBackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> 
 
 ffi::Error ConvBackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                    ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
-                                   int64_t plh, int64_t phh, int64_t plw, int64_t phw, int64_t threads) {
+                                   int64_t plh, int64_t phh, int64_t plw, int64_t phw,
+                                int64_t threads) {
   auto wd = dw->dimensions();
+  CallThreads call_threads(threads);
   Geometry g = MakeGeometry(x.dimensions(), wd[0], wd[1], wd[3], dy.dimensions(), sh, sw, plh,
-                            phh, plw, phw, threads);
+                            phh, plw, phw);
   return Guard([&] {
     auto c = Get(g.Key('w'), [&] {
       auto pd = dnnl::convolution_backward_weights::primitive_desc(

@@ -111,15 +111,16 @@ def create_model(config: ml_collections.ConfigDict, info) -> nn.Module:
             raise ValueError(
                 f"model.num_classes = {num_classes} but data set {info.name!r} has no labels."
             )
+        # Resolved once here, so that every trace of this model computes the same way.
+        impl, why = conv.resolve_impl(m.conv_impl, DTYPES[m.dtype])
         if m.conv_impl == "auto":
-            impl, why = conv.resolve_impl("auto", DTYPES[m.dtype])
             logging.info("model.conv_impl='auto': %s convolutions (%s)", impl, why)
         return UNet(
             ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
             attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_channels=out,
             num_classes=num_classes, dtype=DTYPES[m.dtype],
             conv_weight_grad=m.conv_weight_grad, dropout_rng=m.dropout_rng,
-            conv_impl=m.conv_impl,
+            conv_impl=impl,
         )
     if info.kind != "vector":
         raise ValueError(
