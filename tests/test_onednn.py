@@ -10,6 +10,7 @@ fail with the reason."""
 import json
 import re
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffusion_jax.models import UNet, conv, onednn
 
-from tests.helpers import ONE_LEVEL_FLAGS, ROOT, launch, onednn_skip_reason
+from tests.helpers import (ONE_LEVEL_FLAGS, ROOT, launch, launch_cmd, launch_env,
+                           onednn_skip_reason)
 from tests.test_conv import CASES, _numpy_conv_and_weight_grad
+from tests.test_launch import _free_port
 from tests.test_unet import TINY, _inputs, _param_shapes, _random_params
 
 pytestmark = pytest.mark.skipif(onednn_skip_reason() is not None,
@@ -305,10 +308,11 @@ def test_missing_library_or_compiler_is_explained(monkeypatch, tmp_path):
         onednn._compiler()
 
 
-@pytest.mark.parametrize("devices", [1, 2])
-def test_launch_trains_as_with_xla(tmp_path, devices):
+def test_launch_trains_as_with_xla(tmp_path):
     # The same run with each convolution library: the losses of the first steps agree to
-    # float32 rounding, on one device and data parallel over two.
+    # float32 rounding (data parallel: test_two_processes_train_as_one, and in one process
+    # test_sharded_batch_matches_one_device).
+    devices = 1
     losses = {}
     for impl in conv.IMPLS:
         workdir = tmp_path / impl
@@ -321,3 +325,48 @@ def test_launch_trains_as_with_xla(tmp_path, devices):
         assert json.loads((workdir / "config.json").read_text())["model"]["conv_impl"] == impl
     assert len(losses["onednn"]) == 3 and np.all(np.isfinite(losses["onednn"]))
     np.testing.assert_allclose(losses["onednn"], losses["xla"], rtol=1e-4)
+
+
+def _two_processes(workdir, flags, env_of=lambda i: {}):
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            launch_cmd(*flags, f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+                       "--num_processes=2", f"--process_id={i}"),
+            cwd=ROOT, env={**launch_env(devices=1), **env_of(i)}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    return [(p, *p.communicate(timeout=600)) for p in procs]
+
+
+def test_two_processes_train_as_one(tmp_path):
+    # Two hosts of one device each, 'auto' (oneDNN here) on both: the losses of one
+    # process with two devices, to float32 rounding.
+    flags = [f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
+             *ONE_LEVEL_FLAGS, "--config.train.num_steps=3", "--config.train.log_every=1",
+             "--config.train.sample_every=0"]
+    for proc, _, err in _two_processes(tmp_path / "multi", flags):
+        assert proc.returncode == 0, err[-4000:]
+        assert "model.conv_impl='auto': onednn convolutions" in err
+    launch(*flags, "--config.model.conv_impl=xla", f"--workdir={tmp_path / 'single'}", devices=2)
+    losses = {name: [json.loads(line)["loss"] for line in
+                     (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                     if "loss" in json.loads(line)] for name in ("multi", "single")}
+    assert len(losses["multi"]) == 3
+    np.testing.assert_allclose(losses["multi"], losses["single"], rtol=1e-4)
+
+
+def test_processes_that_resolve_auto_differently_are_refused(tmp_path):
+    # Process 1 cannot build the handlers (no compiler, an empty build cache): it would
+    # take XLA's convolutions while process 0 takes oneDNN's, and the two programs would
+    # never meet in their collectives. Both stop with the reason instead.
+    flags = [f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
+             *ONE_LEVEL_FLAGS, "--config.train.num_steps=1"]
+    broken = {"CXX": str(tmp_path / "no-compiler"),
+              "DIFFUSION_JAX_CACHE": str(tmp_path / "empty_cache")}
+    results = _two_processes(tmp_path / "run", flags, lambda i: broken if i == 1 else {})
+    for proc, _, err in results:
+        assert proc.returncode != 0
+    assert any("model.conv_impl='auto' chose" in err and "set model.conv_impl='xla'" in err
+               for _, _, err in results), results[0][2][-3000:]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 from diffusion_jax import gaussian, losses, schedules
 from diffusion_jax.models import MLP, UNet, conv, dropout
@@ -115,6 +118,12 @@ def create_model(config: ml_collections.ConfigDict, info) -> nn.Module:
         impl, why = conv.resolve_impl(m.conv_impl, DTYPES[m.dtype])
         if m.conv_impl == "auto":
             logging.info("model.conv_impl='auto': %s convolutions (%s)", impl, why)
+            if jax.process_count() > 1:  # hosts that chose differently would never meet
+                multihost_utils.assert_equal(
+                    np.asarray(conv.IMPLS.index(impl), np.int32),
+                    f"model.conv_impl='auto' chose {impl} convolutions on process "
+                    f"{jax.process_index()} ({why}), and other processes chose otherwise: "
+                    "set model.conv_impl='xla' (or make oneDNN available on every host).")
         return UNet(
             ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
             attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_channels=out,
