@@ -196,6 +196,9 @@ def test_bad_input():
         hash_keep_mask(key, (4,), 1.5)
     with pytest.raises(ValueError, match=r"at most 2\*\*32 elements.*\(65536, 65537\)"):
         hash_bits(key, (65536, 65537))
+    # Exactly 2**32 elements is allowed, whatever the unit axes (traced only: 16 GB).
+    for shape in [(2**32,), (1, 2**32), (2**16, 1, 2**16, 1)]:
+        assert jax.eval_shape(lambda k, shape=shape: hash_bits(k, shape), key).shape == shape
     x = jnp.ones((2, 3))
     with pytest.raises(ValueError, match=r"Dropout rng must be one of \('hash', 'jax'\); "
                                          r"got 'philox'"):

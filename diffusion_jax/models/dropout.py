@@ -55,8 +55,9 @@ def _global_index(shape: Sequence[int]) -> jax.Array:
     index = jnp.zeros(shape, jnp.uint32)
     stride = 1
     for axis in reversed(range(len(shape))):
-        iota = jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), axis)
-        index = index + iota * np.uint32(stride)
+        if shape[axis] > 1:  # (a unit axis adds nothing; its stride may be 2**32 itself)
+            iota = jax.lax.broadcasted_iota(jnp.uint32, tuple(shape), axis)
+            index = index + iota * np.uint32(stride)
         stride *= shape[axis]
     return index
 
