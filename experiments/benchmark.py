@@ -214,16 +214,20 @@ def _subjaxprs(params: dict):
 _ONEDNN_CONV_PASSES = {target: kind for kind, target in onednn_lib.FFI_TARGETS.items()}
 
 
+def _onednn_pass_flops(kind: str, a, b, result) -> float | None:
+    """2 x multiply-adds of one oneDNN convolution pass (`diffusion_jax.models.onednn`)
+    from its operands' and result's shapes: every pass takes one multiply-add per element
+    of the (B, OH, OW, O) output-shaped array and per kernel element of its output
+    feature, as XLA's convolutions count. None when a shape is unknown."""
+    out, kernel = {"forward": (result, b), "input_grad": (a, b),
+                   "weight_grad": (b, result)}[kind]
+    return 2.0 * math.prod(out) * math.prod(kernel[:3]) if out and kernel else None
+
+
 def _onednn_conv_flops(eqn) -> float:
-    """2 x multiply-adds of one oneDNN convolution pass (`diffusion_jax.models.onednn`):
-    every pass takes one multiply-add per element of the (B, OH, OW, O) output-shaped
-    array and per kernel element of its output feature, as XLA's convolutions count."""
-    kind = _ONEDNN_CONV_PASSES[eqn.params["target_name"]]
-    shapes = {"forward": (eqn.outvars[0], eqn.invars[1]),
-              "input_grad": (eqn.invars[0], eqn.invars[1]),
-              "weight_grad": (eqn.invars[1], eqn.outvars[0])}[kind]
-    out, kernel = (v.aval.shape for v in shapes)
-    return 2.0 * math.prod(out) * math.prod(kernel[:3])
+    """`_onednn_pass_flops` of a jaxpr's FFI call."""
+    shapes = [v.aval.shape for v in (*eqn.invars, eqn.outvars[0])]
+    return _onednn_pass_flops(_ONEDNN_CONV_PASSES[eqn.params["target_name"]], *shapes)
 
 
 def model_flops(jaxpr) -> float:
@@ -359,9 +363,7 @@ def _onednn_conv_op(line: str, kind: str, instrs: dict[str, str]):
     """(kind, FLOPs) of one of `diffusion_jax.models.onednn`'s FFI calls, counted as
     `_onednn_conv_flops` counts them in the jaxpr."""
     dims = [_operand_dims(line, "custom-call", i, instrs) for i in (0, 1)] + [_dims(line)]
-    out, kernel = {"forward": (dims[2], dims[1]), "input_grad": (dims[0], dims[1]),
-                   "weight_grad": (dims[1], dims[2])}[kind]
-    flops = 2.0 * math.prod(out) * math.prod(kernel[:3]) if out and kernel else None
+    flops = _onednn_pass_flops(kind, *dims)
     label = {"forward": "conv forward", "input_grad": "conv input grad",
              "weight_grad": "conv weight grad"}[kind]
     return label, flops
@@ -762,7 +764,8 @@ def bench_sampling(args, peaks: dict) -> list[dict[str, Any]]:
         case = {
             "case": "sample", "sampler": sampler, "model": args.eval_model,
             "dtype": args.eval_dtype, "batch": args.sample_batch, "devices": mesh.size,
-            "conv_impl": config.model.conv_impl, "network_evals": args.sample_steps, "compile_s": compile_s,
+            "conv_impl": config.model.conv_impl, "network_evals": args.sample_steps,
+            "compile_s": compile_s,
             "step_s": statistics.median(times), "step_s_all": [round(t, 4) for t in times],
             "memory": memory_report(compiled), "load_average": load_average(),
         }

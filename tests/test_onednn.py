@@ -30,6 +30,25 @@ pytestmark = pytest.mark.skipif(onednn_skip_reason() is not None,
                                 reason=str(onednn_skip_reason()))
 
 
+# The tiny CIFAR run of the launch.py tests: one U-Net level, mocked data, 3 logged steps.
+_TINY_RUN = (f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
+             *ONE_LEVEL_FLAGS, "--config.train.num_steps=3", "--config.train.log_every=1",
+             "--config.train.sample_every=0")
+
+
+def _assert_leaves_close(got, want):
+    """Leaf by leaf, to 1e-4 of each reference leaf's largest magnitude (float32 sums in
+    another order)."""
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale, rtol=0)
+
+
+def _losses(workdir):
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _built():
     reason = onednn.unavailable_reason()
@@ -70,9 +89,7 @@ def test_large_shape_under_jit():
 
     got = jax.jit(jax.value_and_grad(loss("onednn"), (0, 1)))(x, kernel)
     want = jax.jit(jax.value_and_grad(loss("xla"), (0, 1)))(x, kernel)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        scale = float(jnp.max(jnp.abs(b)))
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale, rtol=0)
+    _assert_leaves_close(got, want)
 
 
 def test_concurrent_calls_of_one_geometry():
@@ -94,10 +111,7 @@ def test_concurrent_calls_of_one_geometry():
     want = loss("xla")(xs, ks)
     got_fn = loss("onednn")
     for _ in range(2):
-        got = got_fn(xs, ks)
-        for a, b in zip(got, want):
-            scale = float(jnp.max(jnp.abs(b)))
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale, rtol=0)
+        _assert_leaves_close(got_fn(xs, ks), want)
 
 
 def test_unet_matches_xla():
@@ -159,9 +173,7 @@ def test_sharded_batch_matches_one_device(mesh_shape, batch_axes, batch):
     f = jax.jit(grad, in_shardings=(NamedSharding(mesh, spec),
                                    NamedSharding(mesh, PartitionSpec())))
     got = f(x, kernel)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        scale = float(jnp.max(jnp.abs(b)))
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale, rtol=0)
+    _assert_leaves_close(got, want)
 
     shards = int(np.prod([mesh.shape[a] for a in batch_axes or ()]))
     split = devices > 1 and shards > 1 and batch % shards == 0
@@ -312,16 +324,12 @@ def test_launch_trains_as_with_xla(tmp_path):
     # The same run with each convolution library: the losses of the first steps agree to
     # float32 rounding (data parallel: test_two_processes_train_as_one, and in one process
     # test_sharded_batch_matches_one_device).
-    devices = 1
     losses = {}
     for impl in conv.IMPLS:
         workdir = tmp_path / impl
-        launch(f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
-               *ONE_LEVEL_FLAGS, f"--config.model.conv_impl={impl}",
-               "--config.train.num_steps=3", "--config.train.log_every=1",
-               "--config.train.sample_every=0", f"--workdir={workdir}", devices=devices)
-        lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-        losses[impl] = [line["loss"] for line in lines if "loss" in line]
+        launch(*_TINY_RUN, f"--config.model.conv_impl={impl}", f"--workdir={workdir}",
+               devices=1)
+        losses[impl] = _losses(workdir)
         assert json.loads((workdir / "config.json").read_text())["model"]["conv_impl"] == impl
     assert len(losses["onednn"]) == 3 and np.all(np.isfinite(losses["onednn"]))
     np.testing.assert_allclose(losses["onednn"], losses["xla"], rtol=1e-4)
@@ -343,16 +351,12 @@ def _two_processes(workdir, flags, env_of=lambda i: {}):
 def test_two_processes_train_as_one(tmp_path):
     # Two hosts of one device each, 'auto' (oneDNN here) on both: the losses of one
     # process with two devices, to float32 rounding.
-    flags = [f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
-             *ONE_LEVEL_FLAGS, "--config.train.num_steps=3", "--config.train.log_every=1",
-             "--config.train.sample_every=0"]
-    for proc, _, err in _two_processes(tmp_path / "multi", flags):
+    for proc, _, err in _two_processes(tmp_path / "multi", _TINY_RUN):
         assert proc.returncode == 0, err[-4000:]
         assert "model.conv_impl='auto': onednn convolutions" in err
-    launch(*flags, "--config.model.conv_impl=xla", f"--workdir={tmp_path / 'single'}", devices=2)
-    losses = {name: [json.loads(line)["loss"] for line in
-                     (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-                     if "loss" in json.loads(line)] for name in ("multi", "single")}
+    launch(*_TINY_RUN, "--config.model.conv_impl=xla", f"--workdir={tmp_path / 'single'}",
+           devices=2)
+    losses = {name: _losses(tmp_path / name) for name in ("multi", "single")}
     assert len(losses["multi"]) == 3
     np.testing.assert_allclose(losses["multi"], losses["single"], rtol=1e-4)
 
@@ -361,11 +365,9 @@ def test_processes_that_resolve_auto_differently_are_refused(tmp_path):
     # Process 1 cannot build the handlers (no compiler, an empty build cache): it would
     # take XLA's convolutions while process 0 takes oneDNN's, and the two programs would
     # never meet in their collectives. Both stop with the reason instead.
-    flags = [f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny", "--config.data.mock=True",
-             *ONE_LEVEL_FLAGS, "--config.train.num_steps=1"]
     broken = {"CXX": str(tmp_path / "no-compiler"),
               "DIFFUSION_JAX_CACHE": str(tmp_path / "empty_cache")}
-    results = _two_processes(tmp_path / "run", flags, lambda i: broken if i == 1 else {})
+    results = _two_processes(tmp_path / "run", _TINY_RUN, lambda i: broken if i == 1 else {})
     for proc, _, err in results:
         assert proc.returncode != 0
     assert any("model.conv_impl='auto' chose" in err and "set model.conv_impl='xla'" in err

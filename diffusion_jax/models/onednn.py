@@ -40,6 +40,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
+import math
 import os
 import pathlib
 import shutil
@@ -281,7 +282,8 @@ def _batch_axes(mesh, arg_shapes):
     batch = spec[0] if len(spec) else None
     if batch is None:
         return None
-    shards = int(np.prod([mesh.shape[a] for a in ((batch,) if isinstance(batch, str) else batch)]))
+    axes = (batch,) if isinstance(batch, str) else batch
+    shards = math.prod(mesh.shape[a] for a in axes)
     return batch if arg_shapes[0].shape[0] % shards == 0 else None
 
 
