@@ -60,7 +60,7 @@ def main(argv):
         process_id=_PROCESS_ID.value, auto=_DISTRIBUTED.value,
         heartbeat_timeout_seconds=_HEARTBEAT.value,
     )
-    from diffusion_jax.training import evaluate, train
+    from diffusion_jax.training import evaluate, preemption, train
 
     run = {
         "train": train.train_and_evaluate,
@@ -73,6 +73,9 @@ def main(argv):
         logging.error("%s: %s", type(e).__name__, e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except preemption.Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the checkpoint directory is changed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 
 import jax
@@ -27,7 +28,14 @@ class IncompatibleCheckpointError(ValueError):
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
+    """A checkpoint could not be written (disk full, permissions); earlier ones are intact.
+
+    ``errno`` is the cause's error number where the cause had one, else None.
+    """
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.errno = errno_
 
 
 class NoUsableCheckpointError(FileNotFoundError):
@@ -55,15 +63,23 @@ class Checkpointer:
     def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = epath.Path(directory)
         self.damaged_steps: list[int] = []
+        self._pending_step: int | None = None  # an asynchronous save not yet checked
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointWriteError(
+                f"Could not write checkpoints under {self.directory}: it is a file, not a "
+                "directory. Move it away or pass another --workdir.", errno.ENOTDIR,
+            )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
             enable_async_checkpointing=async_save,
         )
         # The handler is named up front so a fresh manager can read existing metadata.
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
-        )
+        with self._write_errors(None):
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers=ocp.StandardCheckpointHandler(),
+            )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -166,31 +182,86 @@ class Checkpointer:
     def save(self, step: int, state, *, force: bool = False) -> bool:
         """Starts an asynchronous save of ``state`` as ``step``; returns whether it saved.
 
+        An earlier save still in flight is waited for first. Call `check` (cheap) or `wait`
+        afterwards to learn whether this save was committed.
+
         Raises:
-          CheckpointWriteError: this save, or an earlier asynchronous one, failed to write.
+          CheckpointWriteError: this save, or the earlier asynchronous one, failed.
         """
+        self.wait()
         with self._write_errors(step):
-            return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+            saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        if saved:
+            self._pending_step = step
+        return saved
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of an asynchronous save whose outcome has not been checked yet."""
+        return self._pending_step
+
+    def check(self) -> None:
+        """Surfaces the failure of a finished asynchronous save without blocking (a save
+        still in flight is left alone).
+
+        Raises:
+          CheckpointWriteError: the save failed in Orbax's background thread.
+        """
+        if self._pending_step is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are committed (CheckpointWriteError if
-        one failed)."""
-        with self._write_errors(None):
+        """Blocks until the pending asynchronous save is committed.
+
+        Raises:
+          CheckpointWriteError: it failed (naming its step, the cause and the last
+            complete checkpoint).
+        """
+        step, self._pending_step = self._pending_step, None
+        with self._write_errors(step):
             self._manager.wait_until_finished()
+
+    def complete_steps(self, exclude=()) -> list[int]:
+        """Steps with a committed checkpoint on disk (Orbax renames a step's temporary
+        directory to the bare step number only once every file is written)."""
+        try:
+            names = [p.name for p in self.directory.iterdir()]
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit() and int(n) not in exclude)
 
     @contextlib.contextmanager
     def _write_errors(self, step):
+        """Turns whatever the storage layer raised while writing (OSError, TensorStore's
+        ValueError such as RESOURCE_EXHAUSTED, Orbax's own errors) into one
+        CheckpointWriteError naming the step, the cause and the last intact checkpoint."""
         try:
             yield
-        except OSError as e:
-            good = [s for s in self.all_steps() if s != step]
+        except CheckpointWriteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to write is a write failure
+            good = self.complete_steps(exclude=() if step is None else (step,))
+            cause = " ".join(f"{type(e).__name__}: {e}".split())
+            if len(cause) > 500:
+                cause = cause[:500] + " ..."
+            what = f"checkpoint {step}" if step is not None else "a checkpoint"
             raise CheckpointWriteError(
-                e.errno,
-                f"Could not write checkpoint {'' if step is None else step} under "
-                f"{self.directory} ({type(e).__name__}: {e}). Free disk space or fix the "
-                f"permissions, then run the same command again: it resumes from the last "
-                f"complete checkpoint ({max(good) if good else 'none yet'}), which is intact.",
+                f"Could not write {what} under {self.directory} ({cause}). Free disk space "
+                "or fix the permissions, then run the same command again: it resumes from "
+                f"the last complete checkpoint ({max(good) if good else 'none yet'}), which "
+                "is intact.",
+                getattr(e, "errno", None),
             ) from e
 
     def close(self) -> None:
-        self._manager.close()
+        """Releases Orbax's threads. Never raises: a failed pending save is logged (the
+        training loop checks saves itself, with `check` and `wait`), so that closing
+        always completes and the process can exit."""
+        try:
+            self.wait()
+        except CheckpointWriteError as e:
+            logging.error("%s", e)
+        try:
+            self._manager.close()
+        except Exception as e:  # noqa: BLE001 - already reported above; must not hang
+            logging.error("Closing the checkpoint manager: %s: %s", type(e).__name__, e)
