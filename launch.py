@@ -11,7 +11,10 @@ Multi-host (each process runs the same command with its own --process_id):
 On Cloud TPU pods and SLURM clusters, --distributed lets JAX find the cluster itself.
 """
 
+import os
 import sys
+import threading
+import time
 
 import logging as py_logging
 
@@ -45,10 +48,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _QuietLibraries:
-    """Drops INFO records from Orbax (tens of lines per checkpoint); warnings still show."""
+    """Drops INFO records from Orbax (tens of lines per checkpoint); its warnings and
+    errors still show, without their tracebacks (a failed save is reported once, by the
+    training loop, with its cause)."""
 
     def filter(self, record):
-        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+        if "/orbax/" not in record.pathname:
+            return True
+        if record.levelno >= py_logging.ERROR and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= py_logging.WARNING
 
 
 def main(argv):
@@ -72,10 +81,31 @@ def main(argv):
     except (ValueError, OSError, FloatingPointError) as e:
         logging.error("%s: %s", type(e).__name__, e)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _exit_promptly(1)
     except preemption.Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
-        sys.exit(130)
+        _exit_promptly(130)
+
+
+def _exit_promptly(code: int, grace_seconds: float = 5.0) -> None:
+    """Exits with ``code`` even if a library thread still waits for something that will
+    never come (Orbax's save threads wait up to minutes for a write that already
+    failed): threads get ``grace_seconds`` to finish, then the process ends."""
+    deadline = time.monotonic() + grace_seconds
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            try:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - some libraries' threads raise on a timeout
+                pass
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    if stuck:
+        logging.warning("Exiting without waiting for library threads %s.", stuck)
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
