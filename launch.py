@@ -15,10 +15,12 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 import logging as py_logging
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 from diffusion_jax.training import mesh
@@ -60,10 +62,47 @@ class _QuietLibraries:
         return record.levelno >= py_logging.WARNING
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with a config file that cannot be loaded (a syntax error, no
+    ``get_config``, an error inside it) reported in one line instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+        print("Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - filtered to errors of the config file below
+        where = _config_path(argv)
+        frames = [os.path.abspath(f.filename) for f in traceback.extract_tb(e.__traceback__)]
+        in_file = isinstance(e, SyntaxError) or os.path.abspath(where) in frames or (
+            isinstance(e, AttributeError) and "get_config" in str(e))
+        if not in_file:
+            raise
+        print(f"error: the config file {where} could not be loaded: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _config_path(argv) -> str:
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+    return value.split(":", 1)[0]
+
+
 def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if not isinstance(config, ml_collections.ConfigDict):
+        try:
+            config.seed  # noqa: B018 - ml_collections' stand-in for a failed load raises here
+        except Exception as e:  # noqa: BLE001
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        print(f"error: get_config() in {_config_path(sys.argv)} must return an "
+              f"ml_collections.ConfigDict; it returned {type(config).__name__}.",
+              file=sys.stderr)
+        sys.exit(1)
     mesh.initialize_distributed(
         coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
         process_id=_PROCESS_ID.value, auto=_DISTRIBUTED.value,
@@ -77,7 +116,7 @@ def main(argv):
         "eval": evaluate.evaluate_checkpoint,
     }[_MODE.value]
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        run(config, _WORKDIR.value)
     except (ValueError, OSError, FloatingPointError) as e:
         logging.error("%s: %s", type(e).__name__, e)
         print(f"error: {e}", file=sys.stderr)
@@ -109,4 +148,4 @@ def _exit_promptly(code: int, grace_seconds: float = 5.0) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -110,7 +110,8 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir) -> epath.
         return None
     out_dir = epath.Path(workdir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = config.sample.num_steps if config.sample.sampler != "ancestral" else "all"
+    # The 2015 objectives run their whole chain; DDPM's samplers take sample.num_steps.
+    steps = config.sample.num_steps if config.objective == "ddpm" else "all"
     stem = f"{config.sample.sampler}_{steps}_step{int(state.step)}"
     npz_path = _unused_path(out_dir / f"{stem}.npz")
     payload = {"samples": samples.astype(np.float32)}
