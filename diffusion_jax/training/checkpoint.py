@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -18,6 +19,7 @@ from etils import epath
 __all__ = [
     "CheckpointWriteError",
     "Checkpointer",
+    "CheckpointReadError",
     "IncompatibleCheckpointError",
     "NoUsableCheckpointError",
 ]
@@ -42,6 +44,39 @@ class NoUsableCheckpointError(FileNotFoundError):
     """Every checkpoint in the directory is damaged; none was changed."""
 
 
+class CheckpointReadError(OSError):
+    """A checkpoint could not be read for a reason outside it (permissions, a timeout or a
+    lost connection to a remote filesystem, memory); it was retried, then left as it is."""
+
+
+# Errors of the environment, not of the checkpoint: the same read may succeed later.
+_TRANSIENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno.ECONNRESET,
+                     errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH,
+                     errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.ENOMEM,
+                     errno.EIO, errno.ESTALE}
+# TensorStore reports its errors as ValueError with an absl status code in the text.
+_TRANSIENT_STATUSES = ("PERMISSION_DENIED", "DEADLINE_EXCEEDED", "UNAVAILABLE",
+                       "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED", "UNAUTHENTICATED")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is environmental: permission
+    denied, a timeout or connection failure, out of memory. Anything else met while
+    reading a checkpoint (a file that fails to decode, metadata missing or inconsistent)
+    means the checkpoint is damaged."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (MemoryError, TimeoutError, ConnectionError, PermissionError)):
+            return True
+        if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(status in str(error) for status in _TRANSIENT_STATUSES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _path_str(path) -> str:
     parts = []
     for entry in path:
@@ -60,8 +95,10 @@ def _shapes(tree) -> dict[str, tuple]:
 class Checkpointer:
     """Saves and restores `TrainState`s under ``directory`` (local or gs://)."""
 
-    def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True,
+                 read_attempts: int = 3, retry_delay_s: float = 2.0):
         self.directory = epath.Path(directory)
+        self.read_attempts, self.retry_delay_s = read_attempts, retry_delay_s
         self.damaged_steps: list[int] = []
         self._pending_step: int | None = None  # an asynchronous save not yet checked
         if self.directory.exists() and not self.directory.is_dir():
@@ -88,7 +125,9 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def check_compatible(self, step: int, template) -> None:
-        """Raises IncompatibleCheckpointError if the saved params differ from ``template``'s.
+        """Raises IncompatibleCheckpointError if the saved train state differs from
+        ``template``'s in structure or shapes: parameters first, then the rest (optimizer
+        state, EMA, counters), naming what differs.
 
         A checkpoint whose metadata is missing is not judged here (its restore will tell).
         """
@@ -107,6 +146,19 @@ class Checkpointer:
                     f"{want.get(name, 'absent')} in this config. Use another --workdir, or the "
                     "config that wrote it. Nothing in the workdir was changed."
                 )
+        want, have = _shapes(template), _shapes(saved_tree)
+        differ = [n for n in sorted(set(want) | set(have)) if want.get(n) != have.get(n)]
+        if differ:
+            shown = "; ".join(f"{n!r}: {have.get(n, 'absent')} there, "
+                              f"{want.get(n, 'absent')} here" for n in differ[:4])
+            more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+            raise IncompatibleCheckpointError(
+                f"The checkpoint {where} holds a train state of another structure than this "
+                f"config's: {shown}{more}. The parameters match; a setting that changes "
+                "the optimizer's state (optim.grad_clip on or off, optim.weight_decay on or "
+                "off, ...) differs from the run that wrote it. Use the config that wrote it "
+                "or another --workdir. Nothing in the workdir was changed."
+            )
 
     def restore(self, template, step: int | None = None):
         """Restores ``step`` with ``template``'s structure and shardings.
@@ -127,13 +179,10 @@ class Checkpointer:
         self.damaged_steps = []
         for candidate in steps:
             try:
-                self.check_compatible(candidate, template)
-                restored = self._manager.restore(
-                    candidate, args=ocp.args.StandardRestore(abstract)
-                )
-            except IncompatibleCheckpointError:
+                restored = self._read(candidate, template, abstract)
+            except (IncompatibleCheckpointError, CheckpointReadError):
                 raise
-            except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+            except Exception as e:  # noqa: BLE001 - any other read failure means "damaged"
                 logging.error(
                     "Checkpoint %s/%d cannot be read (%s: %s); it is left as it is and an "
                     "older checkpoint is tried.", self.directory, candidate, type(e).__name__,
@@ -153,6 +202,36 @@ class Checkpointer:
             "away (or use another --workdir) to start from scratch, or set "
             "train.restart_if_unreadable=True to set them aside and start over."
         )
+
+    def _read(self, step: int, template, abstract):
+        """One checkpoint, retried ``read_attempts`` times on environmental errors.
+
+        Raises:
+          CheckpointReadError: the environment kept failing the read (nothing moved).
+        """
+        for attempt in range(1, self.read_attempts + 1):
+            try:
+                self.check_compatible(step, template)
+                return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - sorted by is_transient
+                if not is_transient(e):
+                    raise
+                cause = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+                if attempt == self.read_attempts:
+                    raise CheckpointReadError(
+                        f"Could not read the checkpoint {self.directory}/{step} after "
+                        f"{attempt} attempts ({cause}). This is an error of the environment "
+                        "(permissions, a remote filesystem, memory), not of the checkpoint: "
+                        "nothing was moved or changed. Fix it and run the same command again."
+                    ) from e
+                delay = self.retry_delay_s * 2 ** (attempt - 1)
+                logging.warning("Reading checkpoint %s/%d failed (%s); retrying in %.0f s "
+                                "(attempt %d of %d).", self.directory, step, cause, delay,
+                                attempt, self.read_attempts)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def set_aside(self, steps) -> list[epath.Path]:
         """Moves the given step directories to ``<directory>_damaged/`` (nothing is deleted),
