@@ -23,7 +23,7 @@ from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
-from diffusion_jax.training import mesh
+from diffusion_jax.training import mesh, preemption
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file; `path:variant` picks a variant (e.g. `:tiny`).",
@@ -89,15 +89,16 @@ def _config_path(argv) -> str:
 
 
 def main(argv):
+    if _MODE.value == "train":
+        preemption.record_early_signals()
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     if not isinstance(config, ml_collections.ConfigDict):
-        try:
-            config.seed  # noqa: B018 - ml_collections' stand-in for a failed load raises here
-        except Exception as e:  # noqa: BLE001
-            print(f"error: {e}", file=sys.stderr)
+        error = getattr(config, "__dict__", {}).get("_error")  # ml_collections' stand-in for a failed load
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr)
             sys.exit(1)
         print(f"error: get_config() in {_config_path(sys.argv)} must return an "
               f"ml_collections.ConfigDict; it returned {type(config).__name__}.",
@@ -108,7 +109,7 @@ def main(argv):
         process_id=_PROCESS_ID.value, auto=_DISTRIBUTED.value,
         heartbeat_timeout_seconds=_HEARTBEAT.value,
     )
-    from diffusion_jax.training import evaluate, preemption, train
+    from diffusion_jax.training import evaluate, train
 
     run = {
         "train": train.train_and_evaluate,

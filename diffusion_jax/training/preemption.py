@@ -15,7 +15,24 @@ import signal
 import jax
 from jax.experimental import multihost_utils
 
-__all__ = ["Interrupted", "StopSignals"]
+__all__ = ["Interrupted", "StopSignals", "record_early_signals"]
+
+_early: list[str] = []  # signals received before the training loop's handlers existed
+
+
+def record_early_signals() -> None:
+    """Records SIGTERM from the start of a training program (flag parsing, connecting to
+    other processes, building the model) until `StopSignals` takes over, so that a
+    preemption notice during setup still ends the run cleanly, with exit status 0. (On
+    several processes `jax.distributed.initialize` then installs JAX's notifier.)"""
+    def handler(signum, frame):
+        logging.warning("SIGTERM received during setup: stopping before the first step.")
+        _early.append("SIGTERM")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
 
 
 class Interrupted(Exception):
@@ -39,9 +56,9 @@ class StopSignals:
     """
 
     def __init__(self):
-        self.reason: str | None = None
         self._previous: dict[int, object] = {}
         self._use_sync_point = _sync_manager_available()
+        self.reason: str | None = _early[0] if _early and not self._use_sync_point else None
 
     def __enter__(self):
         if not self._use_sync_point:
