@@ -9,7 +9,7 @@ Model: a small U-Net (ch 32, ch_mult (1, 2), 1 residual block, attention at 4x4)
 prediction with L_simple, cosine schedule with T = 1000, Adam 1e-3 with warmup,
 EMA 0.999 (with warm-up), batch 64, 2,500 steps.
 
-Expected: on a 2-core CPU about 6 minutes of training; the sample grid
+Expected: on an idle 2-core CPU about 5 minutes of training; the sample grid
 (runs/digits/samples/ema_samples_*.png, enlarged 4x) shows recognisable digits 0-9.
 """
 

@@ -159,3 +159,18 @@ def test_a_checkpoints_path_that_is_a_file_is_refused(tmp_path):
     assert proc.returncode == 1
     assert "it is a file, not a directory" in proc.stderr
     assert (tmp_path / "checkpoints").read_text() == "not a directory"
+
+
+def test_sample_and_eval_on_a_read_only_workdir_fail_before_any_work(tmp_path, mounts):
+    from diffusion_jax.training import evaluate, train
+
+    from helpers import toy_config
+
+    mounts(tmp_path / "ro", "size=4m")
+    config = toy_config()
+    config.train.num_steps = 3
+    train.train_and_evaluate(config, tmp_path / "ro")
+    subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "ro")], check=True)
+    for run in (evaluate.sample_from_checkpoint, evaluate.evaluate_checkpoint):
+        with pytest.raises(ValueError, match=r"The workdir .* is not writable \(OSError: \[Errno 30\]"):
+            run(config, tmp_path / "ro")
