@@ -66,6 +66,7 @@ from jax.tree_util import Partial
 
 from diffusion_jax import gaussian, losses, sampling, schedules
 from diffusion_jax.data import toy
+from diffusion_jax.training import workdir as workdir_lib
 
 STEP_COUNTS = (10, 20, 50)
 OFF_MODE_STDS = 4.0
@@ -317,7 +318,7 @@ def main():
         help="replace the table, JSON and plot of an earlier run in --outdir",
     )
     args = parser.parse_args()
-    outdir = pathlib.Path(args.outdir)
+    outdir = pathlib.Path(workdir_lib.resolve_workdir(args.outdir))  # resolved once, here
     earlier = [name for name in OUTPUTS if (outdir / name).exists()]
     if earlier and not args.overwrite:
         parser.error(
