@@ -39,6 +39,7 @@ def test_the_quick_start_commands_install_what_they_name():
     assert tests.endswith("python -m pytest -q")
 
 
+@pytest.mark.slow  # the digits U-Net's compile and a 1000-step grid of 100 samples
 def test_the_quick_start_main_job_runs_as_written_from_a_fresh_copy(tmp_path):
     main, _ = _quick_start_lines()
     job = [part.strip() for part in main.split("&&") if "launch.py" in part]

@@ -3,11 +3,10 @@ configs and config files, a changed config on resume or at sampling time, restor
 fail for reasons outside the checkpoint, and which config produced which result."""
 
 import json
-import os
 import pathlib
+import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -135,7 +134,7 @@ def test_a_config_file_that_cannot_be_loaded_gets_one_line(tmp_path, text, messa
     proc = launch(f"--config={path}", f"--workdir={tmp_path / 'w'}", check=False, devices=1)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert __import__("re").search(message, proc.stderr), proc.stderr[-2000:]
+    assert re.search(message, proc.stderr), proc.stderr[-2000:]
     assert not (tmp_path / "w").exists()
 
 

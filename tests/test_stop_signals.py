@@ -73,7 +73,7 @@ def test_sigterm_during_setup_exits_0(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "SIGTERM" in err
     # Nothing, or the few steps done before the signal arrived, was saved.
-    assert all(step <= 5 for step in _complete_steps(tmp_path)) if (tmp_path / "checkpoints").exists() else True
+    assert not (tmp_path / "checkpoints").exists() or max(_complete_steps(tmp_path) or [0]) <= 5
 
 
 def _free_port():
