@@ -26,6 +26,9 @@ fails):
   checkpoint_every, keep_checkpoints, sample_every (0: no sample grids),
   nan_policy ('stop' | 'skip'), restart_if_unreadable (start from step 0 when every
   checkpoint is damaged; they are moved to checkpoints_damaged/, never deleted).
+- ``mesh``: data, fsdp: the device mesh's axis sizes (data = -1: the devices not in
+  fsdp; fsdp = 1: data parallel), min_shard_size (arrays with fewer elements stay
+  replicated); see `diffusion_jax.training.mesh` and `.sharding`.
 - ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, spacing (the
   DPM-Solver++ grid: 'logsnr' | 'time_uniform' | 'time_quadratic'), num_samples,
   clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call).
@@ -109,6 +112,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.sample_every = 50_000
     c.train.nan_policy = "stop"
     c.train.restart_if_unreadable = False
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ancestral"
