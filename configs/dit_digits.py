@@ -10,8 +10,10 @@ dropout 0.1 (the null class for classifier-free guidance). Eps prediction with L
 cosine schedule with T = 1000, Adam lr 1e-3 with 200 warmup steps, EMA 0.999 (with
 warm-up), batch 64, 3,000 steps; samples drawn with 100 DDIM steps, 10 per digit.
 
-Expected: a few minutes on a 2-core CPU; the grid runs/dit_digits/samples/ema_samples_*.png
-(enlarged 4x) shows each row's digit class (0-9 in turn); the loss falls from ~1 to ~0.1.
+Expected: the grid runs/dit_digits/samples/ema_samples_*.png
+(enlarged 4x) has one digit class per column, 0-9 left to right, mostly recognisable;
+the loss falls from ~0.7 at step 100 to ~0.15 at step 3,000 (measured: 5 minutes on a
+loaded 2-core CPU).
 """
 
 from diffusion_jax.training.config import default_config, shrink

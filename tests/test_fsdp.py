@@ -20,7 +20,7 @@ from diffusion_jax.training import sharding as sharding_lib
 from diffusion_jax.training import step as step_lib
 from diffusion_jax.training.state import TrainState, make_optimizer
 
-from helpers import ROOT, TOY, launch, load_config, restore_tree
+from helpers import ROOT, TOY, launch, load_config, restore_tree, toy_config
 
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
 MIN_SIZE = 256  # small enough that the tiny DiT has sharded and replicated arrays
@@ -36,8 +36,10 @@ def _dit_config():
 
 
 @pytest.fixture(scope="module")
-def dit_setup():
-    config = _dit_config()
+def toy_setup():
+    """The toy MLP (kernels of 128 x 128, 128 x 32, 32 x 32, 2 x 32 and biases): cheap
+    to compile five times, with arrays on both sides of MIN_SIZE."""
+    config = toy_config()
     info = data.dataset_info(config.data)
     objective = objectives.create_objective(config, info)
     optimizer = make_optimizer(config.optim)
@@ -49,8 +51,8 @@ def dit_setup():
     return params, optimizer, batch, step_fn
 
 
-def _run_step(dit_setup, mesh):
-    params, optimizer, batch, step_fn = dit_setup
+def _run_step(toy_setup, mesh):
+    params, optimizer, batch, step_fn = toy_setup
     state = TrainState.create(params, optimizer)
     shardings = sharding_lib.state_shardings(state, mesh, min_size=MIN_SIZE)
     state = jax.device_put(state, shardings)
@@ -73,16 +75,16 @@ def test_sharding_rule():
     assert spec((64, 192), 1, min_size=256) == PartitionSpec()  # fsdp = 1: data parallel
 
 
-def test_every_mesh_shape_gives_the_one_device_step(dit_setup):
+def test_every_mesh_shape_gives_the_one_device_step(toy_setup):
     """One step on meshes 8x1, 4x2, 2x4, 1x8 against one device. Tolerances: the loss is
     a batch mean summed in another order (rtol 1e-5); parameters after one Adam step
     (~lr-sized moves of a sign-like update) to 1e-6 absolute."""
     single = mesh_lib.make_mesh(devices=jax.devices()[:1])
-    ref_state, ref_metrics = _run_step(dit_setup, single)
+    ref_state, ref_metrics = _run_step(toy_setup, single)
     ref_params = jax.device_get(ref_state.params)
     for shape in MESHES:
         mesh = mesh_lib.make_mesh(data=shape[0], fsdp=shape[1])
-        state, metrics = _run_step(dit_setup, mesh)
+        state, metrics = _run_step(toy_setup, mesh)
         np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
         np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
         for a, b in zip(jax.tree.leaves(jax.device_get(state.params)),
@@ -124,9 +126,9 @@ def test_per_device_bytes_of_abstract_shardings():
     assert sharding_lib.per_device_bytes(tree, shardings) == 64 * 128 * 4 // 4 + 128 * 4
 
 
-def test_checkpoint_saved_on_4x2_restores_on_other_meshes(dit_setup, tmp_path):
+def test_checkpoint_saved_on_4x2_restores_on_other_meshes(toy_setup, tmp_path):
     """Orbax restores into the target shardings, bit for bit in value."""
-    params, optimizer, _, _ = dit_setup
+    params, optimizer, _, _ = toy_setup
     state = TrainState.create(jax.tree.map(lambda p: p + 0.5, params), optimizer)
     mesh42 = mesh_lib.make_mesh(data=4, fsdp=2)
     saved = jax.device_put(state, sharding_lib.state_shardings(state, mesh42, min_size=MIN_SIZE))
