@@ -5,7 +5,7 @@ Run:
 
 Data: the 1,797 8x8 digits that ship with scikit-learn (first 1,500 for training).
 Model: DiT with patch 2 (16 tokens of 2x2 pixels), hidden 64, 4 adaLN-Zero blocks, 4
-heads (about 0.2M parameters), float32; class-conditional on the digit with label
+heads (0.33M parameters), float32; class-conditional on the digit with label
 dropout 0.1 (the null class for classifier-free guidance). Eps prediction with L_simple,
 cosine schedule with T = 1000, Adam lr 1e-3 with 200 warmup steps, EMA 0.999 (with
 warm-up), batch 64, 3,000 steps; samples drawn with 100 DDIM steps, 10 per digit.
