@@ -42,3 +42,19 @@ def test_unknown_case():
     memory = _load_memory()
     with pytest.raises(ValueError, match=r"Unknown case 'dit_s2'; valid cases are \['dit_b2'"):
         memory.case_config("dit_s2")
+
+
+def test_dit_step_check_runs_a_sharded_step():
+    """experiments/dit_step.py (the accelerator check's DiT step) on a 1-block DiT/8 with
+    fsdp = 2 on the 8 CPU devices: finite losses, the mesh and sizes reported."""
+    spec = importlib.util.spec_from_file_location("dit_step", ROOT / "experiments" / "dit_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config, info = module.dit_latent_config(
+        "DiT-S/8", fsdp=2, dit_overrides=dict(hidden_size=32, depth=1, num_heads=2))
+    config.mesh.min_shard_size = 256
+    report = module.run(config, info, global_batch=8, steps=2)
+    assert report["finite"] and len(report["losses"]) == 2
+    assert report["mesh"] == {"data": 4, "fsdp": 2}
+    # 1000 + 1 class rows of 32 dominate the count: the embedding is there.
+    assert report["num_params"] > 1001 * 32
