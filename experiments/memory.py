@@ -132,6 +132,8 @@ def parse_args(argv=None):
     parser.add_argument("--fsdp", default="1,2,4,8", help="fsdp sizes (dit_xl2: 8 only)")
     parser.add_argument("--batch", type=int, default=32, help="global batch")
     parser.add_argument("--devices", type=int, default=8, help="fake CPU devices")
+    parser.add_argument("--remat", action="store_true",
+                        help="DiT cases: recompute block activations (model.dit.remat)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
@@ -145,9 +147,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     report = {"device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
-              "jax": jax.__version__, "cases": {}}
+              "jax": jax.__version__, "global_batch": args.batch, "remat": args.remat,
+              "cases": {}}
     for name in args.cases:
         config, info = case_config(name)
+        config.model.dit.remat = args.remat
         sizes = [8] if name == "dit_xl2" else args.fsdp
         rows = [train_step_memory(config, info, fsdp=f, global_batch=args.batch) for f in sizes]
         for row in rows:

@@ -256,3 +256,24 @@ def test_tiny_digits_dit_trains_with_the_ddpm_objective():
     moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
                          state.params, jax.jit(objective.init)(jax.random.key(0)))
     assert all(jax.tree.leaves(moved))
+
+
+def test_remat_gives_the_same_loss_and_gradients(rng):
+    """Recomputing the blocks in the backward pass changes memory, not values (float32;
+    the same operations in the same order, so to float rounding of fused programs)."""
+    x, t = _inputs(rng)
+    plain, remat = DiT(**TINY), DiT(**TINY, remat=True)
+    params = _randomize(plain.init(jax.random.key(0), x, t, train=False)["params"],
+                        jax.random.key(1), 0.2)
+
+    def grads(model):
+        loss = lambda p: jnp.sum(model.apply({"params": p}, x, t, train=False) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (l1, g1), (l2, g2) = grads(plain), grads(remat)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(remat.apply(
+        {"params": p}, x, t, train=False))))(params))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr

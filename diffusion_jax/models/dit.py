@@ -180,6 +180,8 @@ class DiT(nn.Module):
       class_dropout_prob: in training, the probability that a label is replaced by the null
         class (the paper uses 0.1); draws from the ``'dropout'`` rng.
       dtype, param_dtype: compute and parameter dtypes.
+      remat: recompute each block's activations in the backward pass (`nn.remat`)
+        instead of keeping them: less memory, about one more forward pass of compute.
     """
 
     patch_size: int = 2
@@ -192,6 +194,7 @@ class DiT(nn.Module):
     class_dropout_prob: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
@@ -222,8 +225,9 @@ class DiT(nn.Module):
         c = self._timestep_embedder(t, dense)
         if self.num_classes is not None:
             c = c + self._label_embedder(y, train, force_drop).astype(c.dtype)
+        block = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
-            tokens = DiTBlock(d, self.num_heads, self.mlp_ratio, name=f"block_{i}",
+            tokens = block(d, self.num_heads, self.mlp_ratio, name=f"block_{i}",
                               **dense)(tokens, c)
 
         out_channels = self.out_channels or channels

@@ -16,7 +16,8 @@ fails):
   'xla', `diffusion_jax.models.conv.resolve_impl`), dropout_rng ('hash' | 'jax': how dropout
   masks are drawn, `diffusion_jax.models.dropout`); MLP fields features, activation,
   per_step_readout; DiT fields under ``model.dit`` (patch_size, hidden_size, depth,
-  num_heads, mlp_ratio, class_dropout_prob; `diffusion_jax.models.dit`, model.name 'dit').
+  num_heads, mlp_ratio, class_dropout_prob, remat (recompute block activations in the
+  backward pass); `diffusion_jax.models.dit`, model.name 'dit').
 - ``diffusion``: schedule ('linear' | 'cosine' | 'sohl_dickstein'), num_timesteps,
   mean_type, var_type, loss_type, decoder_type.
 - ``optim``: lr, warmup_steps, lr_schedule ('constant' | 'cosine': decay to
@@ -79,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.per_step_readout = False
     c.model.dit = ml_collections.ConfigDict(dict(  # model.name 'dit': DiT-S/2 by default
         patch_size=2, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0,
-        class_dropout_prob=0.1))
+        class_dropout_prob=0.1, remat=False))
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"

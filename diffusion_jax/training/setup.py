@@ -165,4 +165,5 @@ def _create_dit(m: ml_collections.ConfigDict, info, out_channels: int) -> DiT:
         patch_size=d.patch_size, hidden_size=d.hidden_size, depth=d.depth,
         num_heads=d.num_heads, mlp_ratio=d.mlp_ratio, out_channels=out_channels,
         num_classes=num_classes, class_dropout_prob=d.class_dropout_prob, dtype=DTYPES[m.dtype],
+        remat=d.get("remat", False),
     )
