@@ -259,7 +259,7 @@ def test_tiny_digits_dit_trains_with_the_ddpm_objective():
 
 
 def test_remat_gives_the_same_loss_and_gradients(rng):
-    """Recomputing the blocks in the backward pass changes memory, not values (float32;
+    """Recomputing the blocks in the backward pass does not change values (float32;
     the same operations in the same order, so to float rounding of fused programs)."""
     x, t = _inputs(rng)
     plain, remat = DiT(**TINY), DiT(**TINY, remat=True)

@@ -180,8 +180,8 @@ class DiT(nn.Module):
       class_dropout_prob: in training, the probability that a label is replaced by the null
         class (the paper uses 0.1); draws from the ``'dropout'`` rng.
       dtype, param_dtype: compute and parameter dtypes.
-      remat: recompute each block's activations in the backward pass (`nn.remat`)
-        instead of keeping them: less memory, about one more forward pass of compute.
+      remat: keep only each block's input for the backward pass and recompute the rest
+        there (`nn.remat`), at the cost of about one more forward pass.
     """
 
     patch_size: int = 2
