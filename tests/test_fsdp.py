@@ -152,8 +152,8 @@ def test_checkpoint_saved_on_4x2_restores_on_other_meshes(toy_setup, tmp_path):
 def test_fsdp_run_3_plus_3_equals_6_and_resumes_on_another_mesh(tmp_path):
     """train_and_evaluate on a 4x2 mesh: 3 steps + resume to 6 equals 6 steps bit for bit;
     resuming the 3-step checkpoint on 2x4 gives the same 6 steps up to reduction order."""
-    config = _dit_config()
-    config.mesh.fsdp = 2
+    config = toy_config()
+    config.mesh.fsdp, config.mesh.min_shard_size = 2, MIN_SIZE
     whole = train.train_and_evaluate(config, tmp_path / "whole")
     config.train.num_steps = 3
     train.train_and_evaluate(config, tmp_path / "split")
