@@ -25,9 +25,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from diffusion_jax.training.mesh import FSDP_AXIS
+
 __all__ = ["DEFAULT_MIN_SHARD_SIZE", "fsdp_partition_spec", "per_device_bytes", "state_shardings"]
 
-FSDP_AXIS = "fsdp"
 #: Arrays smaller than this many elements stay replicated (a 128 x 128 kernel is sharded).
 DEFAULT_MIN_SHARD_SIZE = 2**14
 

@@ -2,7 +2,8 @@
 
 `train_and_evaluate(config, workdir)` is what ``launch.py --mode=train`` calls. It runs
 unchanged on one CPU, a multi-GPU host or a multi-host TPU pod: the batch is split over a
-mesh of every device, parameters are replicated, and a workdir holding a checkpoint is
+mesh of every device, parameters and optimizer state are replicated or (``mesh.fsdp``
+> 1) split along the mesh's fsdp axis, and a workdir holding a checkpoint is
 resumed from it, at the same step and with the same data order.
 """
 
