@@ -1,0 +1,5 @@
+"""Sample quality: FID, KID, Inception Score, precision/recall, and an offline digits FID.
+
+Importable without the training system. The Inception network is pytorch-fid's
+(`inception`), with weights converted by `convert` and loaded by `weights`.
+"""
