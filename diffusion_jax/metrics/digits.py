@@ -26,7 +26,7 @@ import optax
 from diffusion_jax.data import embedded
 from diffusion_jax.metrics import fid
 
-__all__ = ["DigitsNet", "DigitsClassifier", "train_digits_classifier", "digits_fid",
+__all__ = ["DigitsNet", "apply_digits_net", "DigitsClassifier", "train_digits_classifier", "digits_fid",
            "digits_fid_report", "FEATURE_DIM"]
 
 FEATURE_DIM = 64
@@ -47,17 +47,20 @@ class DigitsNet(nn.Module):
         return {"features": features, "logits": logits}
 
 
+def apply_digits_net(params, images01) -> dict:
+    """`DigitsNet` on (B, 8k, 8k, 1) images in [0, 1] (8k x 8k: averaged over k x k blocks
+    first, which undoes the 'nearest' enlargement of the digits data)."""
+    return DigitsNet().apply({"params": params}, _to_native(images01))
+
+
 class DigitsClassifier(NamedTuple):
     params: dict
     held_out_accuracy: float
 
-    def apply(self, images01) -> dict:
-        """Features and logits of (B, 8k, 8k, 1) images in [0, 1] (8k x 8k: averaged over
-        k x k blocks first, which undoes the 'nearest' enlargement of the digits data)."""
-        return DigitsNet().apply({"params": self.params}, _to_native(images01))
-
     def features(self, images01) -> np.ndarray:
-        return np.asarray(jax.jit(self.apply)(jnp.asarray(images01))["features"], np.float64)
+        """(N, 64) float64 features of (N, 8k, 8k, 1) images in [0, 1]."""
+        out = jax.jit(apply_digits_net)(self.params, jnp.asarray(images01, jnp.float32))
+        return np.asarray(out["features"], np.float64)
 
 
 def _to_native(images):

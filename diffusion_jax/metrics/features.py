@@ -1,7 +1,7 @@
 """Feature extraction in fixed batches split over devices, and the input checks before it.
 
-A feature network is any ``fn(images) -> {name: (B, ...) array}`` on images in [0, 1]
-(`InceptionV3`'s apply with its variables bound, or the digits network). `FeatureExtractor`
+A feature network is any ``apply_fn(variables, images) -> {name: (B, ...) array}`` on
+images in [0, 1] (`InceptionV3().apply`, or the digits network's). `FeatureExtractor`
 compiles it once for one global batch whose leading axis is split over a mesh of this
 process's devices, pads the last, partial batch with copies of its last image and drops
 their rows, so any number of images gives exactly the rows of a whole-array call. Results
@@ -11,7 +11,9 @@ come back to the host as NumPy arrays, batch by batch, for streaming statistics
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -68,22 +70,26 @@ def local_data_mesh(axis: str = "data") -> Mesh:
 
 
 class FeatureExtractor:
-    """Calls ``fn`` on fixed global batches split over ``mesh``'s first axis.
+    """Calls ``apply_fn(variables, images)`` on fixed global batches split over ``mesh``'s
+    first axis (the variables replicated, passed as arguments: not baked into the program).
 
     ``batch_size`` is rounded up to a multiple of the device count. Calling the extractor
-    on (N, H, W, C) images (any N) returns ``{name: (N, ...) float32 NumPy}``;
-    `iter_batches` yields the same per batch.
+    on (N, H, W, C) images (any N) returns ``{name: (N, ...) NumPy}``; `iter_batches`
+    yields the same per batch.
     """
 
-    def __init__(self, fn: Callable[[jax.Array], dict], batch_size: int,
-                 mesh: Mesh | None = None):
+    def __init__(self, apply_fn: Callable[[Any, jax.Array], dict], variables: Any,
+                 batch_size: int, mesh: Mesh | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
         self.mesh = mesh if mesh is not None else local_data_mesh()
         devices = self.mesh.devices.size
         self.batch_size = -(-batch_size // devices) * devices
-        sharding = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
-        self._fn = jax.jit(fn, in_shardings=sharding, out_shardings=sharding)
+        split = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._variables = jax.device_put(variables, replicated)
+        fn = jax.jit(apply_fn, in_shardings=(replicated, split), out_shardings=split)
+        self._fn = functools.partial(fn, self._variables)
 
     def _one_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
         n = images.shape[0]
