@@ -44,6 +44,20 @@ def _check_statistics(mu, sigma, what: str):
     return mu, sigma
 
 
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """``scipy.linalg.sqrtm``; its LinAlgWarning (a singular matrix: the root may be
+    inaccurate) goes to the log, as pytorch-fid lets it print, instead of being raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(a)
+    for w in caught:
+        if issubclass(w.category, scipy.linalg.LinAlgWarning):
+            _logger.warning("FID: scipy.linalg.sqrtm: %s", w.message)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return root
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Eq. 6 above),
     as pytorch-fid. mu: (D,), sigma: (D, D). Returns a float (units of feature^2)."""
@@ -53,12 +67,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         raise ValueError(f"The statistics have different dimensions: {mu1.shape} and "
                          f"{mu2.shape}.")
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         _logger.warning("FID: singular product; adding %g to the diagonal of the covariances.",
                         eps)
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"FID: the square root of the covariance product has an "
