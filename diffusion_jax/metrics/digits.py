@@ -5,8 +5,8 @@ It is NOT comparable with Inception FID: other network, other features (64-d), o
 Its units are those of this network's features; only differences between runs of this
 project (and against the floor below) mean something.
 
-The network: an MLP on the 64 pixels in [0, 1] (64 -> 256 ReLU -> 64 linear "features"
--> ReLU -> 10 logits), trained deterministically (fixed seed, full-batch Adam, 800 steps,
+The network: an MLP on the 64 pixels in [0, 1] (64 -> 128 ReLU -> 64 linear "features"
+-> ReLU -> 10 logits), trained deterministically (fixed seed, full-batch AdamW, 400 steps,
 one compiled loop: a few seconds on a CPU) on the 1,500 training digits; its accuracy on
 the 297 held-out digits is reported with it. Digits FID is `fid.frechet_distance` of
 the 64-d features. Its floor: the held-out digits against as many training digits.
@@ -30,8 +30,8 @@ __all__ = ["DigitsNet", "apply_digits_net", "DigitsClassifier", "train_digits_cl
            "digits_fid_report", "FEATURE_DIM"]
 
 FEATURE_DIM = 64
-_TRAIN_STEPS = 800
-_LR = 3e-3
+_TRAIN_STEPS = 400
+_LR = 5e-3
 _WEIGHT_DECAY = 1e-4
 
 
@@ -41,7 +41,7 @@ class DigitsNet(nn.Module):
     @nn.compact
     def __call__(self, images):
         x = images.reshape(images.shape[0], -1)
-        x = nn.relu(nn.Dense(256)(x))
+        x = nn.relu(nn.Dense(128)(x))
         features = nn.Dense(FEATURE_DIM)(x)
         logits = nn.Dense(embedded.NUM_CLASSES)(nn.relu(features))
         return {"features": features, "logits": logits}
