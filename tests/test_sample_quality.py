@@ -24,15 +24,6 @@ def _digits_config(steps):
     return c
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    """A tiny digits model, 150 steps: its final samples are digits-like but imperfect."""
-    workdir = tmp_path_factory.mktemp("digits_run")
-    config = _digits_config(150)
-    train.train_and_evaluate(config, workdir)
-    return config, workdir
-
-
 def test_digits_classifier_is_accurate_and_deterministic():
     classifier = digits.train_digits_classifier()
     assert classifier.held_out_accuracy > 0.9
@@ -55,8 +46,21 @@ def test_digits_fid_training_vs_held_out_is_small_and_noise_is_large():
                                digits.train_digits_classifier().features(held_out), rtol=1e-5)
 
 
-def test_the_quick_start_logs_digits_fid_between_floor_and_noise(toy_run):
-    _, workdir = toy_run
+def test_toy_digits_run_quick_start_figures_and_fid_modes(tmp_path):
+    """One toy run (150 steps of a tiny model, so its samples are digit-like but imperfect)
+    for all of: the training log's digits FID, fid_stats, fid and their errors."""
+    workdir = tmp_path / "run"
+    config = _digits_config(150)
+    train.train_and_evaluate(config, workdir)
+    _check_quick_start_report(workdir)
+    config.fid.num_examples, config.fid.num_samples, config.fid.batch_size = 297, 100, 64
+    config.fid.kid_subset_size, config.fid.kid_subsets = 50, 10
+    config.sample.batch_size = 104  # the training run's padded draw: its compiled program
+    stats = _check_fid_modes(config, workdir)
+    _check_bad_networks(config, workdir, stats, tmp_path)
+
+
+def _check_quick_start_report(workdir):
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     report = next(x for x in lines if "digits_fid" in x)
     assert report["digits_fid_num_samples"] == 100
@@ -67,12 +71,7 @@ def test_the_quick_start_logs_digits_fid_between_floor_and_noise(toy_run):
     assert report["digits_fid_floor"] < report["digits_fid"] < noise_fid / 2
 
 
-def test_fid_stats_then_fid_write_metrics_with_sampler_steps_and_n(toy_run):
-    config, workdir = toy_run
-    config = config.copy_and_resolve_references()
-    config.fid.num_examples, config.fid.num_samples, config.fid.batch_size = 297, 100, 64
-    config.fid.kid_subset_size, config.fid.kid_subsets = 50, 10
-    config.sample.batch_size = 104  # the training run's padded draw: its compiled program
+def _check_fid_modes(config, workdir):
     with pytest.raises(FileNotFoundError, match="--mode=fid_stats first"):
         sample_quality.fid_of_checkpoint(config, workdir)
     path = sample_quality.compute_reference_statistics(config, workdir)
@@ -91,12 +90,15 @@ def test_fid_stats_then_fid_write_metrics_with_sampler_steps_and_n(toy_run):
     assert line["feature_network"] == "digits" and "fid" not in line  # never read as Inception
     assert 0 < line["digits_fid"] < 500 and 0 <= line["digits_precision"] <= 1
     assert {"digits_kid", "digits_kid_std", "digits_recall"} <= set(line)
+    return path
 
 
-def test_inception_network_without_weights_says_how_to_get_them(toy_run, tmp_path):
-    config, workdir = toy_run
-    config = config.copy_and_resolve_references()
-    config.fid.network, config.fid.weights = "inception", str(tmp_path / "absent.npz")
+def _check_bad_networks(config, workdir, digits_stats, tmp_path):
+    config.fid.network, config.fid.stats = "inception", str(digits_stats)
+    with pytest.raises(ValueError, match="holds digits statistics, but fid.network is "
+                                         "'inception'"):
+        sample_quality.fid_of_checkpoint(config, workdir)
+    config.fid.weights = str(tmp_path / "absent.npz")
     config.fid.stats = str(tmp_path / "stats.npz")
     with pytest.raises(weights.InceptionWeightsNotFoundError, match="absent.npz"):
         sample_quality.compute_reference_statistics(config, workdir)
