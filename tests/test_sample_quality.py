@@ -105,3 +105,12 @@ def _check_bad_networks(config, workdir, digits_stats, tmp_path):
     config.fid.network = "inceptionv3"
     with pytest.raises(ValueError, match="'inception', 'digits'"):
         sample_quality.compute_reference_statistics(config, workdir)
+
+
+def test_feature_throughput_benchmark_reports_images_per_second(capsys):
+    from experiments import benchmark_fid
+
+    assert benchmark_fid.main(["--network=digits", "--batch=12", "--repeats=1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["network"] == "digits" and out["batch"] == 16 and out["devices"] == 8
+    assert out["images_per_sec"] > 0 and out["platform"] == "cpu"
