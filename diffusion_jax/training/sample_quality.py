@@ -130,7 +130,10 @@ def compute_reference_statistics(config: ml_collections.ConfigDict, workdir) -> 
     network = feature_network(config)
     data_config = ml_collections.ConfigDict(config.data.to_dict())
     data_config.split, data_config.random_flip = config.fid.split, False
-    available = data.dataset_info(data_config).num_examples or config.fid.num_examples
+    info = data.dataset_info(data_config)
+    if info.kind != "image":
+        raise ValueError(f"FID needs image data; {config.data.name!r} is {info.kind} data.")
+    available = info.num_examples or config.fid.num_examples
     total = min(config.fid.num_examples, available)
     batch = network.extractor.batch_size
     batch_fn = data.make_batch_fn(data_config, per_process_batch=batch, seed=config.seed,
