@@ -105,6 +105,9 @@ def _check_bad_networks(config, workdir, digits_stats, tmp_path):
     config.fid.network = "inceptionv3"
     with pytest.raises(ValueError, match="'inception', 'digits'"):
         sample_quality.compute_reference_statistics(config, workdir)
+    config.fid.network, config.fid.num_samples, config.fid.stats = "digits", 1, str(digits_stats)
+    with pytest.raises(ValueError, match="fid.num_samples must be an int >= 2; got 1"):
+        sample_quality.fid_of_checkpoint(config, workdir)
 
 
 def test_feature_throughput_benchmark_reports_images_per_second(capsys):

@@ -47,7 +47,18 @@ class FeatureNetwork(NamedTuple):
     prefix: str  # of the metric names: '' (Inception) or 'digits_'
 
 
+def _check_fid_config(fid_config) -> None:
+    for field in ("num_examples", "num_samples", "batch_size", "kid_subsets",
+                  "kid_subset_size"):
+        value = fid_config[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2 - (
+                field in ("batch_size", "kid_subsets")):
+            raise ValueError(f"fid.{field} must be an int >= "
+                             f"{2 - (field in ('batch_size', 'kid_subsets'))}; got {value!r}.")
+
+
 def feature_network(config: ml_collections.ConfigDict) -> FeatureNetwork:
+    _check_fid_config(config.fid)
     name = config.fid.network
     if name not in NETWORKS:
         raise ValueError(f"fid.network must be one of {NETWORKS}; got {name!r}.")
