@@ -256,8 +256,9 @@ def log_digits_fid(samples, step: int, metric_writer) -> dict | None:
         return None
     logging.info("Digits FID (digits classifier features, not Inception FID) of %d samples "
                  "vs the held-out digits: %.2f; floor (held-out vs as many training digits): "
-                 "%.2f; classifier held-out accuracy %.3f.", report["digits_fid_num_samples"],
-                 report["digits_fid"], report["digits_fid_floor"],
+                 "%.2f +- %.2f; classifier held-out accuracy %.3f.",
+                 report["digits_fid_num_samples"], report["digits_fid"],
+                 report["digits_fid_floor"], report["digits_fid_floor_std"],
                  report["digits_classifier_accuracy"])
     metric_writer.write_scalars(step, report)
     return report
