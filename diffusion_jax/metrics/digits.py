@@ -26,7 +26,8 @@ import optax
 from diffusion_jax.data import embedded
 from diffusion_jax.metrics import fid
 
-__all__ = ["DigitsNet", "apply_digits_net", "DigitsClassifier", "train_digits_classifier", "digits_fid",
+__all__ = ["DigitsNet", "apply_digits_net", "DigitsClassifier", "train_digits_classifier",
+           "digits_fid",
            "digits_fid_report", "FEATURE_DIM"]
 
 FEATURE_DIM = 64

@@ -23,7 +23,8 @@ from collections.abc import Mapping
 import numpy as np
 
 __all__ = ["WEIGHTS_URL", "WEIGHTS_FILENAME", "default_weights_path", "convert_state_dict",
-           "save_variables", "unflatten_variables", "load_inception_variables", "InceptionWeightsNotFoundError"]
+           "save_variables", "unflatten_variables", "load_inception_variables",
+           "InceptionWeightsNotFoundError"]
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
