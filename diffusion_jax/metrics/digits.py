@@ -27,8 +27,7 @@ from diffusion_jax.data import embedded
 from diffusion_jax.metrics import fid
 
 __all__ = ["DigitsNet", "apply_digits_net", "DigitsClassifier", "train_digits_classifier",
-           "digits_fid",
-           "digits_fid_report", "FEATURE_DIM"]
+           "digits_fid", "digits_fid_report", "FEATURE_DIM"]
 
 FEATURE_DIM = 64
 _TRAIN_STEPS = 400
