@@ -39,6 +39,12 @@ fails):
 - ``eval`` (``--mode=eval``): split, num_examples (rounded down to whole global batches),
   batch_size (global), iw_samples (K of the importance-weighted estimate; 0 = off),
   clip_denoised.
+- ``fid`` (``--mode=fid_stats`` / ``--mode=fid``, `sample_quality`): network
+  ('inception' | 'digits'), weights (Inception .npz; default ``$DIFFUSION_JAX_INCEPTION``
+  or ``~/.cache/diffusion_jax/pt_inception-2015-12-05.npz``), stats (the reference .npz;
+  default ``workdir/fid_stats_{network}_{data}_{split}.npz``), split and num_examples (of
+  the reference), num_samples (N), batch_size (feature batches), max_features (vectors
+  kept for KID and precision/recall), kid_subsets, kid_subset_size.
 """
 
 from __future__ import annotations
@@ -132,6 +138,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.iw_samples = 0
     c.eval.clip_denoised = True
 
+    c.fid = ml_collections.ConfigDict()
+    c.fid.network = "inception"
+    c.fid.weights = config_dict.placeholder(str)
+    c.fid.stats = config_dict.placeholder(str)
+    c.fid.split = "train"
+    c.fid.num_examples = 50_000
+    c.fid.num_samples = 50_000
+    c.fid.batch_size = 200
+    c.fid.max_features = 10_000
+    c.fid.kid_subsets = 100
+    c.fid.kid_subset_size = 1000
+
     # The 2015 paper's objectives (objective 'dpm2015_gaussian' | 'dpm2015_binomial'; see
     # training/objectives_2015.py). T is diffusion.num_timesteps.
     c.dpm2015 = ml_collections.ConfigDict()
@@ -169,4 +187,7 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval.num_examples = 16
     c.eval.batch_size = 8
     c.data.mock_num_examples = 64
+    c.fid.num_examples = 64
+    c.fid.num_samples = 16
+    c.fid.batch_size = 8
     return c

@@ -23,6 +23,7 @@ from diffusion_jax import data
 from diffusion_jax.training import checkpoint, mesh as mesh_lib, objectives, step as step_lib, writer
 from diffusion_jax.training import sharding as sharding_lib
 from diffusion_jax.training.setup import validate_config
+from diffusion_jax.training import sample_quality
 from diffusion_jax.training.state import TrainState, make_optimizer
 
 __all__ = ["NonFiniteLossError", "prepare_workdir", "train_and_evaluate"]
@@ -300,3 +301,5 @@ def _write_samples(objective, state, config, key, step, metric_writer, sharding)
     path = metric_writer.write_image(step, "ema_samples", grid)
     if path is not None:
         logging.info("Wrote %s.", path)
+    if config.data.name == "digits":
+        sample_quality.log_digits_fid(images, step, metric_writer)
