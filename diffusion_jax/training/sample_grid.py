@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from diffusion_jax.training import writer
+from diffusion_jax.training import sample_quality, writer
 
 __all__ = ["SampleGrid"]
 
@@ -26,6 +26,7 @@ class SampleGrid:
     def __init__(self, objective, config, key, sharding):
         self.num = config.sample.num_samples
         self.upscale = config.sample.grid_upscale
+        self.digits_fid = config.data.name == "digits"  # logged with each grid
         self.key = key
         size = sharding.mesh.size
         batch = min(config.sample.batch_size, self.num)
@@ -48,7 +49,10 @@ class SampleGrid:
         return np.concatenate(chunks)[: self.num]
 
     def write(self, params, step: int, metric_writer) -> None:
-        grid = writer.image_grid(self.draw(params, step), upscale=self.upscale)
+        images = self.draw(params, step)
+        grid = writer.image_grid(images, upscale=self.upscale)
         path = metric_writer.write_image(step, "ema_samples", grid)
         if path is not None:
             logging.info("Wrote %s.", path)
+        if self.digits_fid:
+            sample_quality.log_digits_fid(images, step, metric_writer)

@@ -2,7 +2,8 @@
 
 `train_and_evaluate(config, workdir)` is what ``launch.py --mode=train`` calls. It runs
 unchanged on one CPU, a multi-GPU host or a multi-host TPU pod: the batch is split over a
-mesh of every device, parameters are replicated, and a workdir holding a checkpoint is
+mesh of every device, parameters and optimizer state are replicated or (``mesh.fsdp``
+> 1) split along the mesh's fsdp axis, and a workdir holding a checkpoint is
 resumed from it, at the same step and with the same data order.
 """
 
@@ -21,7 +22,7 @@ from jax.experimental import multihost_utils
 from diffusion_jax import data
 from diffusion_jax.training import (
     accumulate, checkpoint, mesh as mesh_lib, objectives, preemption, provenance,
-    sample_grid, step as step_lib, workdir as workdir_lib, writer,
+    sample_grid, sharding as sharding_lib, step as step_lib, workdir as workdir_lib, writer,
 )
 from diffusion_jax.training.setup import validate_config
 from diffusion_jax.training.state import TrainState, make_optimizer
@@ -107,10 +108,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
 
 def _train(config, workdir, stack: contextlib.ExitStack, signals) -> TrainState:
     process_index, process_count = jax.process_index(), jax.process_count()
-    mesh = mesh_lib.make_mesh()
+    mesh = mesh_lib.mesh_from_config(config)
     replicated, data_sharding = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
     per_process_batch = mesh_lib.check_batch_size(
-        config.train.batch_size, device_count=jax.device_count(), process_count=process_count
+        config.train.batch_size, device_count=jax.device_count(), process_count=process_count,
+        mesh=mesh,
     )
     info = data.dataset_info(config.data)
     objective = objectives.create_objective(config, info)
@@ -118,9 +120,11 @@ def _train(config, workdir, stack: contextlib.ExitStack, signals) -> TrainState:
     root_key = jax.random.key(config.seed)
     init_key, train_key, sample_key = jax.random.split(root_key, 3)
 
-    state = jax.jit(
-        lambda key: TrainState.create(objective.init(key), optimizer), out_shardings=replicated
-    )(init_key)
+    create_state = lambda key: TrainState.create(objective.init(key), optimizer)  # noqa: E731
+    # Parameters, EMA and optimizer state split along the mesh's fsdp axis (sharding.py).
+    state_sharding = sharding_lib.state_shardings(
+        jax.eval_shape(create_state, init_key), mesh, min_size=config.mesh.min_shard_size)
+    state = jax.jit(create_state, out_shardings=state_sharding)(init_key)
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints
     )
@@ -139,8 +143,8 @@ def _train(config, workdir, stack: contextlib.ExitStack, signals) -> TrainState:
             ema_decay=config.optim.ema_decay, ema_warmup=config.optim.ema_warmup,
             nan_policy=config.train.nan_policy,
         ),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_sharding, data_sharding),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
     metric_writer = writer.MetricWriter(workdir, enabled=process_index == 0)
