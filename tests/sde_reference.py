@@ -105,3 +105,47 @@ def gaussian_logp(x, mu, s):
     d = x[0].size
     return (-0.5 * d * np.log(2 * np.pi * s**2)
             - 0.5 * np.sum(((x - mu) / s) ** 2, axis=tuple(range(1, x.ndim))))
+
+
+# --- One step of each predictor and corrector ([S21] Appendix E-G; score_sde's grid).
+def reverse_diffusion_step(f, G, score, x, z):
+    """[S21] Eq. 46: x_mean = x - (f - G^2 s), x = x_mean + G z."""
+    x_mean = x - (f - _b(G**2, x) * score)
+    return x_mean + _b(G, x) * z, x_mean
+
+
+def euler_maruyama_step(drift, g, score, x, z, N):
+    """Reverse SDE, dt = -1/N: x_mean = x + (f - g^2 s) dt, x = x_mean + g sqrt(|dt|) z."""
+    dt = -1.0 / N
+    x_mean = x + (drift - _b(g**2, x) * score) * dt
+    return x_mean + _b(g, x) * np.sqrt(-dt) * z, x_mean
+
+
+def vp_ancestral_step(beta, score, x, z):
+    """[S21] Eq. 47 (DDPM's sampler with the score): (x + beta s) / sqrt(1 - beta) + sqrt(beta) z."""
+    x_mean = (x + _b(beta, x) * score) / _b(np.sqrt(1.0 - beta), x)
+    return x_mean + _b(np.sqrt(beta), x) * z, x_mean
+
+
+def ve_ancestral_step(sigma, sigma_prev, score, x, z):
+    """[S21] Eq. 48: x + (s_i^2 - s_{i-1}^2) s + sqrt(s_{i-1}^2 (s_i^2 - s_{i-1}^2) / s_i^2) z."""
+    d = sigma**2 - sigma_prev**2
+    x_mean = x + _b(d, x) * score
+    return x_mean + _b(np.sqrt(sigma_prev**2 * d / sigma**2), x) * z, x_mean
+
+
+def langevin_step(score, x, z, snr, alpha):
+    """[S21] Algorithm 4 with score_sde's batch-averaged norms: eps = 2 alpha (r ||z|| / ||s||)^2."""
+    B = x.shape[0]
+    gn = np.mean(np.linalg.norm(score.reshape(B, -1), axis=1))
+    zn = np.mean(np.linalg.norm(z.reshape(B, -1), axis=1))
+    step = 2.0 * alpha * (snr * zn / gn) ** 2
+    x_mean = x + _b(step, x) * score
+    return x_mean + _b(np.sqrt(2.0 * step), x) * z, x_mean
+
+
+def ald_step(score, x, z, snr, std, alpha):
+    """Annealed Langevin (Song & Ermon 2019): step = 2 alpha (snr std)^2."""
+    step = 2.0 * alpha * (snr * std) ** 2
+    x_mean = x + _b(step, x) * score
+    return x_mean + _b(np.sqrt(2.0 * step), x) * z, x_mean
