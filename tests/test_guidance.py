@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
-from diffusion_jax import edm, flow, guidance, ode, schedules, sde, sde_losses, sampling
+from diffusion_jax import edm, guidance, sampling, schedules, sde, sde_losses
 from diffusion_jax.models.unet import UNet
 from diffusion_jax.sampling import edm as edm_sampling
 from diffusion_jax.sampling import flow as flow_sampling
+from diffusion_jax.sampling import pc
 
 NUM_CLASSES = 3
 EMB = jnp.asarray(np.random.default_rng(0).normal(size=(NUM_CLASSES + 1, 2)), jnp.float32)
@@ -103,17 +104,21 @@ def _eps_score(vp, model_fn, x, t):
     return sde_losses.output_to_score(vp, eps, x, t, "eps")
 
 
+def _pc(model_fn):
+    vp = sde.VPSDE(N=5)
+    return pc.pc_sample(vp, Partial(_eps_score, vp, model_fn), SHAPE, key=jax.random.key(4),
+                        n_steps=1)["sample"]
+
+
 def _pf_ode(model_fn):
     vp = sde.VPSDE(N=1000)
-    reverse = vp.reverse(Partial(_eps_score, vp, model_fn), probability_flow=True)
-    drift = Partial(lambda r, x, t: r.sde(x, jnp.full((x.shape[0],), t))[0], reverse)
-    x1 = jax.random.normal(jax.random.key(4), SHAPE)
-    return ode.solve_ode(drift, x1, 1.0, 1e-3, solver="heun", num_steps=4)["y"]
+    return pc.ode_sample(vp, Partial(_eps_score, vp, model_fn), SHAPE, key=jax.random.key(4),
+                         solver="heun", num_steps=4)["sample"]
 
 
 SAMPLERS = {"ancestral": _ddpm("ancestral"), "ddim": _ddpm("ddim"),
             "dpm_solver++": _ddpm("dpm_solver++"), "edm_heun": _edm, "flow_ode": _flow,
-            "probability_flow_ode": _pf_ode}
+            "pc_sde": _pc, "probability_flow_ode": _pf_ode}
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
