@@ -15,7 +15,9 @@ with the coefficients of Table 1, as NVlabs/edm ``training/networks.py`` writes 
   c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1), c_noise = (M - 1) sigma^-1(sigma), with
   sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1);
 - `VEPrecond` (sigma_min = 0.02, sigma_max = 100): c_skip = 1, c_out = sigma, c_in = 1,
-  c_noise = ln(sigma / 2).
+  c_noise = ln(sigma / 2);
+- `DDPMPrecond` (NVlabs' iDDPMPrecond): a DDPM eps network on its own discrete steps, so
+  EDM's samplers run models trained here with the ``ddpm`` objective.
 
 Training (Eq. 8, ``training/loss.py``): E_{sigma, y, n} lambda(sigma) ||D(y + n; sigma) - y||^2
 with sigma drawn per preconditioning: EDM ln sigma ~ N(P_mean = -1.2, P_std^2 = 1.2^2) and
@@ -47,6 +49,7 @@ from jax.tree_util import Partial
 from diffusion_jax.gaussian import check_choice
 
 __all__ = [
+    "DDPMPrecond",
     "EDMPrecond",
     "PRECONDITIONINGS",
     "VEPrecond",
@@ -161,6 +164,35 @@ class VEPrecond:
 
     def loss_weight(self, sigma):
         return 1.0 / jnp.square(sigma)
+
+
+@flax.struct.dataclass
+class DDPMPrecond:
+    """NVlabs/edm's ``iDDPMPrecond`` for an eps network trained on the T discrete steps of a
+    DDPM schedule: sigma_j = sqrt((1 - abar_j) / abar_j) (x_t / sqrt(abar_j) = x_0 + sigma_j
+    eps), c_skip = 1, c_out = -sigma, c_in = 1 / sqrt(sigma^2 + 1), c_noise = the step j whose
+    sigma_j is nearest (int32; DDPM's index, 0 = least noise; NVlabs counts the other way).
+    Sample on ``sigmas`` (`sigma_steps(grid=...)`) inside ``sigma_range``."""
+
+    sigmas: jax.Array  # (T,) increasing
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod):
+        abar = np.asarray(alphas_cumprod, np.float64)
+        return cls(sigmas=jnp.asarray(np.sqrt((1.0 - abar) / abar), jnp.float32))
+
+    def step_index(self, sigma):
+        """The nearest step j of each sigma, int32 of sigma's shape."""
+        grid = self.sigmas.reshape((1,) * jnp.ndim(sigma) + self.sigmas.shape)
+        return jnp.argmin(jnp.abs(sigma[..., None] - grid), axis=-1).astype(jnp.int32)
+
+    def coefficients(self, sigma):
+        one = jnp.ones_like(sigma)
+        return one, -sigma, jax.lax.rsqrt(jnp.square(sigma) + 1.0), self.step_index(sigma)
+
+    @property
+    def sigma_range(self):
+        return float(self.sigmas[0]), float(self.sigmas[-1])
 
 
 PRECONDITIONINGS = {"edm": EDMPrecond, "vp": VPPrecond, "ve": VEPrecond}

@@ -43,6 +43,27 @@ def test_vp_sigma_inverse_range_and_loss_weights():
     np.testing.assert_allclose(vp.loss_weight(sig), SIGMAS**-2.0, rtol=1e-5)
 
 
+def test_ddpm_preconditioning_runs_an_eps_model_on_its_own_steps():
+    """For Gaussian data and DDPM's exact eps, D at every grid sigma is the exact denoiser:
+    x_edm = x_t / sqrt(abar) and D = x_edm - sigma eps(x_edm / sqrt(1 + sigma^2), j)."""
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    precond = edm.DDPMPrecond.from_alphas_cumprod(abar)
+    sig64 = np.sqrt((1 - abar) / abar)
+    np.testing.assert_allclose(precond.sigma_range, (sig64[0], sig64[-1]), rtol=1e-6)
+    j = np.array([0, 17, 500, 999])
+    sigma = jnp.asarray(sig64[j] * (1 + 1e-4), jnp.float32)  # off the grid: rounds back
+    np.testing.assert_array_equal(precond.coefficients(sigma)[3], j)
+
+    def exact_eps(x_t, t):  # E[eps | x_t] for x_0 ~ N(MU, S^2), x_t = sqrt(a) x_0 + sqrt(1-a) eps
+        a = jnp.asarray(abar, jnp.float32)[t][:, None]
+        return jnp.sqrt(1 - a) * (x_t - jnp.sqrt(a) * MU) / (a * S**2 + 1 - a)
+
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 2)) * 3, jnp.float32)
+    got = edm.denoise(precond, exact_eps, x, jnp.asarray(sig64[j], jnp.float32))
+    want = ref.gaussian_denoiser(np.asarray(x, np.float64), sig64[j][:, None], MU, S)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
 def test_sigma_steps_match_eq_5_with_the_appended_zero():
     got = edm.sigma_steps(18)
     np.testing.assert_allclose(got, ref.time_steps(18), rtol=1e-13)
