@@ -20,6 +20,9 @@ NUM_SAMPLES = 400
 DPM_ROWS = [(f"DPM-Solver++(2M), {grid}", n)
             for grid in ("logsnr", "time_quadratic") for n in (10, 20, 50, 200)]
 OUTPUTS = ["sampler_table.md", "sampler_table.json", "samples.png"]
+EDM_ROWS = [("EDM Heun (rho = 7)", n) for n in (9, 19, 35, 49)]
+FLOW_ROWS = [(f"flow ODE (OT path), {solver}", n) for solver in ("euler", "heun")
+             for n in (10, 20, 50)]
 REFERENCE = {"trained MLP": "ancestral (learned var)", "exact eps": "ancestral (beta-tilde var)"}
 
 
@@ -57,13 +60,14 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
     header = (tmp_path / "sampler_table.md").read_text().splitlines()[0]
     assert header.startswith("ring8: ring mixture (8 x N(., 0.1768^2 I), radius 1.414);"), header
 
-    want = [("DDIM", n) for n in (10, 20, 50)] + DPM_ROWS
+    want = [("DDIM", n) for n in (10, 20, 50)] + DPM_ROWS + EDM_ROWS + FLOW_ROWS
     for label, first in REFERENCE.items():
         rows = summary[label]
         got = [(r["sampler"], r["steps"]) for r in rows]
         assert got[0] == ("data (fresh sample)", 0)
         assert got[1] == (first, 200), got  # the reference chain, over every step
-        assert got[-len(want):] == want
+        assert got[-len(want) - 1:-1] == want
+        assert got[-1][0] == "flow ODE (OT path), tsit5" and got[-1][1] > 6  # its own NFE
     # The trained MLP has had 20 steps: its samples may diverge (an eps model that has not
     # learned to cancel x_t's growth scales it by up to 1 / sqrt(abar_T)), so only the
     # exact eps's rows must be finite.
@@ -84,6 +88,11 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
     ode = exact[("DPM-Solver++(2M), time_quadratic", 200)]
     tol = 5.0 * np.hypot(data["se_logp"], ode["se_logp"])
     assert abs(ode["mean_logp"] - data["mean_logp"]) < tol, (ode, data, tol)
+    # The same for EDM's Heun sampler at 49 evaluations and the exact velocity's adaptive
+    # flow ODE: both are samplers of the data distribution up to discretisation.
+    for row in (exact[("EDM Heun (rho = 7)", 49)], summary["exact eps"][-1]):
+        tol = 5.0 * np.hypot(data["se_logp"], row["se_logp"])
+        assert abs(row["mean_logp"] - data["mean_logp"]) < tol, (row, data, tol)
 
 
 def test_sampler_table_reference_and_dpm_rows(tmp_path):
