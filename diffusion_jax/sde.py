@@ -277,11 +277,19 @@ class DDPMVPSDE(_SDE):
         values = jnp.concatenate([jnp.zeros((1,), jnp.float32), self.log_alphas_cumprod])
         return jnp.interp(t, grid, values)
 
+    def noise_level(self, t):
+        """r(t) = -log alpha(t)^2 = int_0^t beta, increasing from 0; shape of t."""
+        return -self._log_alpha_sq(t)
+
+    def time_of_noise_level(self, r):
+        """The inverse of `noise_level` (piecewise linear)."""
+        grid = jnp.arange(self.N + 1, dtype=jnp.float32) / self.N
+        values = jnp.concatenate([jnp.zeros((1,), jnp.float32), -self.log_alphas_cumprod])
+        return jnp.interp(r, values, grid)
+
     def beta(self, t):
         segment = jnp.clip(jnp.ceil(t * self.N).astype(jnp.int32) - 1, 0, self.N - 1)
-        upper = self.log_alphas_cumprod[segment]
-        lower = jnp.where(segment == 0, 0.0, self.log_alphas_cumprod[jnp.maximum(segment - 1, 0)])
-        return (lower - upper) * self.N
+        return -jnp.log1p(-self.betas[segment]) * self.N  # not a difference of rounded logs
 
     def sde(self, x, t):
         beta_t = self.beta(t)

@@ -23,6 +23,7 @@ reduced over each example's dimensions by mean (``reduce_mean=True``) or sum (sc
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -77,8 +78,13 @@ def score_to_x0(sde, score, x, t):
     return (x + jnp.square(std) * score) / alpha
 
 
-def _score_fn(sde, model_fn, parameterization, x, t):
+def _score_fn(sde, model_fn, x, t, *, parameterization):
     return output_to_score(sde, model_fn(x, model_time(sde, t)), x, t, parameterization)
+
+
+# One function object per parameterisation, so a `Partial` of it is the same jit cache key
+# on every call (the name is static, not a leaf).
+_SCORE_FNS = {p: functools.partial(_score_fn, parameterization=p) for p in PARAMETERIZATIONS}
 
 
 def score_fn_from_model(sde, model_fn: Callable, parameterization: str) -> Partial:
@@ -86,7 +92,7 @@ def score_fn_from_model(sde, model_fn: Callable, parameterization: str) -> Parti
     check_choice("parameterization", parameterization, PARAMETERIZATIONS)
     if not isinstance(model_fn, Partial):
         model_fn = Partial(model_fn)
-    return Partial(_score_fn, sde, model_fn, parameterization)
+    return Partial(_SCORE_FNS[parameterization], sde, model_fn)
 
 
 def _vp_integral(sde, t):
@@ -167,7 +173,7 @@ def dsm_loss(
     z = jax.random.normal(z_key, x0.shape, x0.dtype)
     mean, std = sde.marginal_prob(x0, t)
     std_b = sde_lib._bcast(std, x0)
-    score = _score_fn(sde, model_fn, parameterization, mean + std_b * z, t)
+    score = _score_fn(sde, model_fn, mean + std_b * z, t, parameterization=parameterization)
     reduce = jnp.mean if reduce_mean else jnp.sum
     axes = tuple(range(1, x0.ndim))
     if weighting == "std2" or importance_sampling:

@@ -215,8 +215,13 @@ def _denoise(sde, score_fn, x, x_mean, eps, denoise):
     return score_to_x0(sde, score_fn(x, t), x, t)
 
 
-def _probability_flow_drift(sde, score_fn, x, t_scalar):
-    t = jnp.full((x.shape[0],), t_scalar, jnp.float32)
+def _probability_flow_drift(sde, score_fn, x, time):
+    """dx/dt of Eq. 13; for a `DDPMVPSDE`, dx/dr = -(x + score) / 2 in r = -log alpha^2
+    (smooth in r, while beta(t) jumps at the N grid times; see `likelihood._ode_drift`)."""
+    if isinstance(sde, sde_lib.DDPMVPSDE):
+        t = jnp.full((x.shape[0],), sde.time_of_noise_level(time), jnp.float32)
+        return -0.5 * (x + score_fn(x, t))
+    t = jnp.full((x.shape[0],), time, jnp.float32)
     return sde.reverse(score_fn, probability_flow=True).sde(x, t)[0]
 
 
@@ -254,7 +259,10 @@ def ode_sample(
     elif tuple(jnp.shape(x_T)) != shape:
         raise ValueError(f"x_T must have shape {shape}; got {jnp.shape(x_T)}.")
     score_fn = score_fn if isinstance(score_fn, Partial) else Partial(score_fn)
-    out = ode.solve_ode(Partial(_probability_flow_drift, sde, score_fn), x_T, sde.T, eps,
+    t0, t1 = sde.T, eps
+    if isinstance(sde, sde_lib.DDPMVPSDE):
+        t0, t1 = (float(sde.noise_level(jnp.float32(t))) for t in (t0, t1))
+    out = ode.solve_ode(Partial(_probability_flow_drift, sde, score_fn), x_T, t0, t1,
                         solver=solver, num_steps=num_steps, rtol=rtol, atol=atol,
                         max_steps=max_steps)
     x = out["y"]
