@@ -435,7 +435,8 @@ def ode_likelihood(
 
     Returns:
       dict: ``logp`` (B,) nats per example; ``prior_logp`` (B,); ``delta_logp`` (B,) the
-      integral; ``z`` (B, ...) = x(T); ``nfe`` (B,) evaluations of the model per example.
+      integral; ``z`` (B, ...) = x(T); ``nfe`` (B,) evaluations of the model per example;
+      under an outer ``jit`` also ``success`` (B,) (no error can be raised there).
     """
     check_choice("divergence", divergence, DIVERGENCES)
     x = jnp.asarray(x)
@@ -554,7 +555,9 @@ def ode_bpd(sde, score_fn: Callable, images, *, key, num_dequant: int = 1, **kwa
         x = dequantize(images, jax.random.uniform(u_key, images.shape, images.dtype))
         hutch = kwargs.get("divergence", "exact") == "hutchinson"
         out = ode_likelihood(sde, score_fn, x, key=probe_key if hutch else None, **kwargs)
-        draws.append(-out["logp"] / (dims * math.log(2.0)) + 7.0)
+        bpd = -out["logp"] / (dims * math.log(2.0)) + 7.0
+        # Under jit an exhausted budget cannot raise: its value becomes NaN, not a partial one.
+        draws.append(jnp.where(out.get("success", True), bpd, jnp.nan))
         nfes.append(out["nfe"])
     draws = jnp.stack(draws)
     log_mean_p = jax.nn.logsumexp(-draws * dims * math.log(2.0), axis=0) - math.log(num_dequant)

@@ -102,7 +102,7 @@ def solve_ode(
         raise ValueError(f"drift_fn must be callable as drift_fn(y, t); got {drift_fn!r}.")
     if not isinstance(drift_fn, Partial):
         drift_fn = Partial(drift_fn)
-    out = _solve(drift_fn, y0, jnp.float32(t0), jnp.float32(t1), solver=solver,
+    out = _solve(drift_fn, y0, jnp.asarray(t0, jnp.float32), jnp.asarray(t1, jnp.float32), solver=solver,
                  num_steps=num_steps, rtol=float(rtol), atol=float(atol), max_steps=max_steps)
     if check and not isinstance(out["success"], jax.core.Tracer):
         raise_if_exhausted(out["success"], max_steps)

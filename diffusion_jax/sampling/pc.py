@@ -247,7 +247,8 @@ def ode_sample(
 
     Returns:
       dict: ``sample`` (shape), ``nfe`` (int32: drift evaluations, + 1 for Tweedie),
-      ``x_eps`` (the ODE's state at eps, before denoising).
+      ``x_eps`` (the ODE's state at eps, before denoising), ``success`` (False if the
+      step budget ran out; outside ``jit`` that raises `ode.ODEBudgetExhaustedError`).
     """
     check_choice("denoise", denoise, ("tweedie", "none"))
     _check_eps(sde, eps)
@@ -261,14 +262,15 @@ def ode_sample(
     score_fn = score_fn if isinstance(score_fn, Partial) else Partial(score_fn)
     t0, t1 = sde.T, eps
     if isinstance(sde, sde_lib.DDPMVPSDE):
-        t0, t1 = (float(sde.noise_level(jnp.float32(t))) for t in (t0, t1))
+        t0, t1 = (sde.noise_level(jnp.float32(t)) for t in (t0, t1))
     out = ode.solve_ode(Partial(_probability_flow_drift, sde, score_fn), x_T, t0, t1,
                         solver=solver, num_steps=num_steps, rtol=rtol, atol=atol,
                         max_steps=max_steps)
     x = out["y"]
     if denoise == "tweedie":
         x = _tweedie(sde, score_fn, x, eps)
-    return {"sample": x, "nfe": out["nfe"] + (denoise == "tweedie"), "x_eps": out["y"]}
+    return {"sample": x, "nfe": out["nfe"] + (denoise == "tweedie"), "x_eps": out["y"],
+            "success": out["success"]}
 
 
 @partial(jax.jit, static_argnames=("eps",))

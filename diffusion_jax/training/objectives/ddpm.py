@@ -1,60 +1,17 @@
-"""Training objectives: what a run optimises and, for image data, how it samples.
-
-An `Objective` bundles three pure functions built from the config:
-
-- ``init(key) -> params``: the trainable parameters (any pytree);
-- ``loss(params, batch, key) -> (loss, metrics)``: the scalar to minimise for one batch
-  and a dict of scalar metrics (batch means), with all randomness drawn from ``key``;
-- ``sample(params, key, num) -> samples`` (optional): ``num`` samples for the grids;
-- ``evaluate(params, batch, key) -> dict`` (optional): per-example evaluation values of
-  shape (B,) for ``--mode=eval`` (bits/dim of the bound, importance-weighted estimates).
-
-The train step (`step.make_train_step`) only sees these, so new model families (e.g. the
-2015 paper's learned-schedule models) plug in by adding a factory to `OBJECTIVES`.
-"""
+"""The ``ddpm`` objective: DDPM-style training with any mean / variance / loss type."""
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from diffusion_jax import losses, schedules
-from diffusion_jax.gaussian import check_choice
+from diffusion_jax import gaussian, likelihood, losses, sampling, schedules, sde as sde_lib
+from diffusion_jax import sde_losses
+from diffusion_jax.models import factory
+from diffusion_jax.training.objectives.base import Objective, data_key, model_fn_for
 
-__all__ = ["OBJECTIVES", "Objective", "create_objective", "ddpm_objective", "model_fn_for"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """See the module docstring."""
-
-    init: Callable[[jax.Array], Any]
-    loss: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
-    sample: Callable[[Any, jax.Array, int], jax.Array] | None = None
-    evaluate: Callable[[Any, dict, jax.Array], dict] | None = None
-
-
-def data_key(batch: dict) -> str:
-    """The name of the data array in a batch: ``image`` (NHWC) or ``x`` (B, D)."""
-    for name in ("image", "x"):
-        if name in batch:
-            return name
-    raise ValueError(f"A batch must hold 'image' or 'x'; got keys {sorted(batch)}.")
-
-
-def model_fn_for(model, params, *, labels=None, train: bool = False, dropout_key=None):
-    """``model_fn(x_t, t)`` for the math functions, from a Flax module and its params."""
-    rngs = {"dropout": dropout_key} if train else None
-
-    def model_fn(x_t, t):
-        args = (x_t, t) if labels is None else (x_t, t, labels)
-        return model.apply({"params": params}, *args, train=train, rngs=rngs)
-
-    return model_fn
+__all__ = ["ddpm_objective"]
 
 
 def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
@@ -63,11 +20,10 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
     Per batch: t ~ U{0..T-1}, noise ~ N(0, I), the loss of `losses.training_losses`
     averaged over the batch. Metrics: ``mse`` and ``vb`` (bits/dim) batch means.
     """
-    from diffusion_jax.training.setup import create_model
-
     d = config.diffusion
     schedule = schedules.get_schedule(d.schedule, d.num_timesteps)
-    model = create_model(config, info)
+    out_channels = gaussian.model_output_channels(info.shape[-1], d.var_type)
+    model = factory.create_model(config, info, out_channels)
     class_conditional = config.model.get("num_classes") is not None
     shape = tuple(info.shape)
 
@@ -90,8 +46,6 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
         return jnp.mean(terms["loss"]), {"mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"])}
 
     def sample(params, key, num):
-        from diffusion_jax import sampling
-
         labels = None
         if class_conditional:
             labels = jnp.arange(num, dtype=jnp.int32) % config.model.num_classes
@@ -106,8 +60,6 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
         )
 
     def evaluate(params, batch, key):
-        from diffusion_jax import likelihood
-
         x_start = batch[data_key(batch)]
         labels = batch.get("label") if class_conditional else None
         model_fn = jax.tree_util.Partial(
@@ -128,6 +80,8 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
             )
             values["iw_bpd"] = iw["iw_bpd"]
             values["iw_elbo_bpd"] = iw["elbo_bpd"]
+        if config.eval.get("ode_likelihood", False) and info.kind == "image":
+            values.update(_ode_bpd(config, schedule, model_fn, x_start, key))
         return values
 
     return Objective(
@@ -135,26 +89,25 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
     )
 
 
-def _dpm2015_gaussian(config, info) -> Objective:
-    from diffusion_jax.training import objectives_2015  # imported here: it imports us
-
-    return objectives_2015.gaussian_objective(config, info)
+_PARAMETERIZATION = {"eps": "eps", "xstart": "x0", "v": "v"}
 
 
-def _dpm2015_binomial(config, info) -> Objective:
-    from diffusion_jax.training import objectives_2015
-
-    return objectives_2015.binomial_objective(config, info)
-
-
-OBJECTIVES: dict[str, Callable[[ml_collections.ConfigDict, Any], Objective]] = {
-    "ddpm": ddpm_objective,
-    "dpm2015_gaussian": _dpm2015_gaussian,
-    "dpm2015_binomial": _dpm2015_binomial,
-}
-
-
-def create_objective(config: ml_collections.ConfigDict, info) -> Objective:
-    """The objective named by ``config.objective`` (one of `OBJECTIVES`)."""
-    check_choice("objective", config.objective, tuple(OBJECTIVES))
-    return OBJECTIVES[config.objective](config, info)
+def _ode_bpd(config, schedule, model_fn, x_start, key) -> dict:
+    """ODE bits/dim of a DDPM model through its schedule's VP SDE (`sde.DDPMVPSDE`)."""
+    mean_type, e = config.diffusion.mean_type, config.eval
+    if mean_type not in _PARAMETERIZATION or config.diffusion.var_type in ("learned",
+                                                                          "learned_range"):
+        raise ValueError(
+            f"eval.ode_likelihood needs a model whose output is eps, xstart or v alone "
+            f"(diffusion.mean_type in {sorted(_PARAMETERIZATION)}, a fixed var_type); got "
+            f"mean_type {mean_type!r}, var_type {config.diffusion.var_type!r}."
+        )
+    sde = sde_lib.DDPMVPSDE.from_schedule(schedule)
+    score_fn = sde_losses.score_fn_from_model(sde, model_fn, _PARAMETERIZATION[mean_type])
+    out = likelihood.ode_bpd(
+        sde, score_fn, x_start, key=jax.random.fold_in(key, 1), num_dequant=e.ode_dequant,
+        divergence=e.ode_divergence, probe=e.ode_probe, rtol=e.ode_rtol, atol=e.ode_atol,
+        max_steps=e.ode_max_steps,
+    )
+    return {"ode_bpd": out["bpd"], "ode_bpd_iw": out["bpd_iw"],
+            "ode_nfe": jnp.mean(out["nfe"].astype(jnp.float32), axis=0)}
