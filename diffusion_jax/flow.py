@@ -249,7 +249,8 @@ def log_likelihood(
 
     Returns:
       dict: ``log_likelihood`` (B,), ``bpd`` (B,: -log p / (D ln 2)), ``x0`` (B, ...),
-      ``nfe``.
+      ``nfe``, ``success`` (False if an adaptive solve ran out of steps; outside ``jit``
+      that raises `ode.ODEBudgetExhaustedError` instead).
     """
     check_choice("divergence", divergence, DIVERGENCES)
     x1 = jnp.asarray(x1, jnp.float32)
@@ -267,4 +268,4 @@ def log_likelihood(
     prior = -0.5 * dims * math.log(2.0 * math.pi) - 0.5 * _sum_flat(jnp.square(x0))
     logp = prior + delta
     return {"log_likelihood": logp, "bpd": -logp / (dims * math.log(2.0)), "x0": x0,
-            "nfe": out["nfe"]}
+            "nfe": out["nfe"], "success": out["success"]}

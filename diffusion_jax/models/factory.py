@@ -55,7 +55,8 @@ def create_model(config: ml_collections.ConfigDict, info, out_channels: int) -> 
         return UNet(
             ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
             attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-            out_channels=out_channels, num_classes=num_classes, dtype=DTYPES[m.dtype],
+            out_channels=out_channels, num_classes=num_classes,
+            null_class=config.train.get("p_uncond", 0.0) > 0, dtype=DTYPES[m.dtype],
             conv_weight_grad=m.conv_weight_grad, dropout_rng=m.dropout_rng,
             conv_impl=impl,
         )

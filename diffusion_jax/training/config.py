@@ -24,10 +24,12 @@ fails):
 - ``train``: batch_size (global, over all devices and processes), num_steps, log_every,
   checkpoint_every, keep_checkpoints, sample_every (0: no sample grids),
   nan_policy ('stop' | 'skip'), restart_if_unreadable (start from step 0 when every
-  checkpoint is damaged; they are moved to checkpoints_damaged/, never deleted).
+  checkpoint is damaged; they are moved to checkpoints_damaged/, never deleted), p_uncond
+  (label dropout of classifier-free guidance; `objectives.conditioning`).
 - ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, spacing (the
   DPM-Solver++ grid: 'logsnr' | 'time_uniform' | 'time_quadratic'), num_samples,
-  clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call).
+  clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call),
+  guidance (w of classifier-free guidance) and guidance_convention ('ho_salimans' | 'lerp').
 - ``dpm2015``: the 2015 paper's objectives (schedule, beta_1, baseline, mean_gain,
   prior_prob, kl_estimator, t_per_example, rbf_hidden, readout_basis); see
   `objectives_2015`.
@@ -105,6 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.sample_every = 50_000
     c.train.nan_policy = "stop"
     c.train.restart_if_unreadable = False
+    c.train.p_uncond = 0.0  # label dropout to the null class (classifier-free guidance)
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ancestral"
@@ -114,6 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.clip_denoised = True
     c.sample.grid_upscale = 1
     c.sample.batch_size = 256
+    c.sample.guidance = 0.0  # classifier-free guidance w (0: the conditional model)
+    c.sample.guidance_convention = "ho_salimans"  # or 'lerp': guidance is s = 1 + w
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"

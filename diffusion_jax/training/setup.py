@@ -9,7 +9,7 @@ from diffusion_jax import gaussian, losses, schedules
 from diffusion_jax.models import conv, dropout, factory
 from diffusion_jax.models.factory import DTYPES, MODEL_NAMES
 from diffusion_jax.sampling import SAMPLERS, SPACINGS
-from diffusion_jax.training.objectives import OBJECTIVES
+from diffusion_jax.training.objectives import OBJECTIVES, conditioning
 from diffusion_jax.training.step import NAN_POLICIES
 
 __all__ = ["MODEL_NAMES", "create_model", "validate_config"]
@@ -35,6 +35,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ValueError(f"optim.ema_decay must lie in [0, 1); got {config.optim.ema_decay}.")
     _validate_lr_schedule(config.optim)
+    conditioning.check_conditioning(config)
     if config.objective == "ddpm":
         _validate_ddpm(config)
 

@@ -2,7 +2,10 @@
 
 - `ddpm`: ``ddpm`` (Ho et al. 2020 and improved DDPM's mean / variance / loss types);
 - `dpm2015`: ``dpm2015_gaussian``, ``dpm2015_binomial`` (Sohl-Dickstein et al. 2015);
-- `sde`: ``sde`` (continuous-time score matching, Song et al. 2021).
+- `sde`: ``sde`` (continuous-time score matching, Song et al. 2021);
+- `edm`: ``edm`` (Karras et al. 2022); `flow`: ``flow`` (flow matching, Lipman et al. 2023).
+
+`conditioning` holds the class labels and classifier-free guidance shared by the families.
 
 Each factory takes ``(config, info)`` and returns an `Objective` (see `base`). Only this
 registry imports the families; the training system imports only the registry, so the
@@ -16,7 +19,7 @@ from typing import Any, Callable
 import ml_collections
 
 from diffusion_jax.gaussian import check_choice
-from diffusion_jax.training.objectives import ddpm, dpm2015, sde
+from diffusion_jax.training.objectives import ddpm, dpm2015, edm, flow, sde
 from diffusion_jax.training.objectives.base import Objective, data_key, model_fn_for
 from diffusion_jax.training.objectives.ddpm import ddpm_objective
 
@@ -28,6 +31,8 @@ OBJECTIVES: dict[str, Callable[[ml_collections.ConfigDict, Any], Objective]] = {
     "dpm2015_gaussian": dpm2015.gaussian_objective,
     "dpm2015_binomial": dpm2015.binomial_objective,
     "sde": sde.sde_objective,
+    "edm": edm.edm_objective,
+    "flow": flow.flow_objective,
 }
 
 

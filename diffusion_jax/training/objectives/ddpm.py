@@ -9,9 +9,12 @@ import ml_collections
 from diffusion_jax import gaussian, likelihood, losses, sampling, schedules, sde as sde_lib
 from diffusion_jax import sde_losses
 from diffusion_jax.models import factory
+from diffusion_jax.training.objectives import conditioning
 from diffusion_jax.training.objectives.base import Objective, data_key, model_fn_for
 
 __all__ = ["ddpm_objective"]
+
+LABEL_STREAM = 0x1ABE1
 
 
 def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
@@ -24,7 +27,7 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
     schedule = schedules.get_schedule(d.schedule, d.num_timesteps)
     out_channels = gaussian.model_output_channels(info.shape[-1], d.var_type)
     model = factory.create_model(config, info, out_channels)
-    class_conditional = config.model.get("num_classes") is not None
+    class_conditional = conditioning.check_conditioning(config) is not None
     shape = tuple(info.shape)
 
     def init(key):
@@ -35,7 +38,8 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
 
     def loss(params, batch, key):
         x_start = batch[data_key(batch)]
-        labels = batch.get("label") if class_conditional else None
+        # Label dropout draws from its own stream, so runs without it keep their keys.
+        labels = conditioning.training_labels(config, batch, jax.random.fold_in(key, LABEL_STREAM))
         t_key, noise_key, dropout_key = jax.random.split(key, 3)
         t = jax.random.randint(t_key, (x_start.shape[0],), 0, d.num_timesteps, dtype=jnp.int32)
         model_fn = model_fn_for(model, params, labels=labels, train=True, dropout_key=dropout_key)
@@ -46,12 +50,9 @@ def ddpm_objective(config: ml_collections.ConfigDict, info) -> Objective:
         return jnp.mean(terms["loss"]), {"mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"])}
 
     def sample(params, key, num):
-        labels = None
-        if class_conditional:
-            labels = jnp.arange(num, dtype=jnp.int32) % config.model.num_classes
-        model_fn = jax.tree_util.Partial(
-            lambda params, x, t: model_fn_for(model, params, labels=labels)(x, t), params
-        )
+        learned_var = out_channels != info.shape[-1]  # guide eps; the variances stay conditional
+        model_fn = conditioning.sampling_model_fn(
+            config, model, params, num, guided_channels=info.shape[-1] if learned_var else None)
         return sampling.sample(
             schedule, model_fn, (num,) + shape, key=key, sampler=config.sample.sampler,
             num_steps=config.sample.num_steps, mean_type=d.mean_type, var_type=d.var_type,
