@@ -99,21 +99,17 @@ def _flow(model_fn):
     return flow_sampling.sample_ode(model_fn, x0=x0, solver="heun", num_steps=4)["sample"]
 
 
-def _eps_score(vp, model_fn, x, t):
-    eps = model_fn(x, sde_losses.model_time(vp, t))
-    return sde_losses.output_to_score(vp, eps, x, t, "eps")
-
-
 def _pc(model_fn):
     vp = sde.VPSDE(N=5)
-    return pc.pc_sample(vp, Partial(_eps_score, vp, model_fn), SHAPE, key=jax.random.key(4),
-                        n_steps=1)["sample"]
+    score_fn = sde_losses.score_fn_from_model(vp, model_fn, "eps")
+    return pc.pc_sample(vp, score_fn, SHAPE, key=jax.random.key(4), n_steps=1)["sample"]
 
 
 def _pf_ode(model_fn):
     vp = sde.VPSDE(N=1000)
-    return pc.ode_sample(vp, Partial(_eps_score, vp, model_fn), SHAPE, key=jax.random.key(4),
-                         solver="heun", num_steps=4)["sample"]
+    score_fn = sde_losses.score_fn_from_model(vp, model_fn, "eps")
+    return pc.ode_sample(vp, score_fn, SHAPE, key=jax.random.key(4), solver="heun",
+                         num_steps=4)["sample"]
 
 
 SAMPLERS = {"ancestral": _ddpm("ancestral"), "ddim": _ddpm("ddim"),
