@@ -108,7 +108,8 @@ def flow_objective(config: ml_collections.ConfigDict, info) -> Objective:
         x1 = batch[data_key(batch)]
         e = config.eval
         labels = batch.get("label") if num_classes is not None else None
-        model_fn = Partial(_scaled_time, model_fn_for(model, params, labels=labels), scale)
+        model_fn = Partial(_scaled_time, Partial(
+            lambda p, y, x, t: model_fn_for(model, p, labels=y)(x, t), params, labels), scale)
         loss_key, dequant_key, probe_key = jax.random.split(key, 3)
         values = {"velocity_loss": flow.velocity_loss(path, model_fn, x1, key=loss_key)["loss"]}
         if e.flow_likelihood:
