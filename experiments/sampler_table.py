@@ -71,7 +71,9 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
-from diffusion_jax import edm, flow, gaussian, losses, sampling, schedules
+from diffusion_jax import edm, flow, gaussian, likelihood, losses, sampling, schedules
+from diffusion_jax import sde as sde_lib
+from diffusion_jax import sde_losses
 from diffusion_jax.data import toy
 from diffusion_jax.sampling import edm as edm_sampling
 from diffusion_jax.sampling import flow as flow_sampling
@@ -250,12 +252,19 @@ def exact_mixture_eps(means, std, alphas_cumprod, x_t, t):
     return -jnp.sqrt(1.0 - alphas_cumprod[t])[:, None] * score
 
 
+def exact_mixture_eps_continuous(means, std, sde, x_t, s):
+    """`exact_mixture_eps` at a float DDPM step s (the network's time under `sde.DDPMVPSDE`):
+    abar of the schedule's VP SDE at t = (s + 1) / N."""
+    alpha, _ = sde.marginal_coeffs((s + 1.0) / sde.N)
+    return exact_mixture_eps(means, std, alpha**2, x_t, jnp.arange(x_t.shape[0]))
+
+
 def _eps_part(model_fn, x_t, t):
     """The eps half of a learned-variance model's output."""
     return gaussian.split_model_output(model_fn(x_t, t), x_t, "learned_range")[0]
 
 
-def run_samplers(args, schedule, model_fn, var_type, velocity_fn):
+def run_samplers(args, schedule, model_fn, var_type, velocity_fn=None, sde_eps_fn=None):
     """[(sampler, model evaluations, samples float64 (n, 2), seconds)].
 
     The first row is the reference: ancestral sampling over all T steps with the model's
@@ -287,7 +296,7 @@ def run_samplers(args, schedule, model_fn, var_type, velocity_fn):
         spaced, spaced_model = sampling.respace(schedule, model_fn, str(n))
         runs.append(("DDIM", n, lambda s=spaced, m=spaced_model: sampling.ddim_sample_loop(
             s, m, shape, key=key, x_T=x_T, **kw)))
-    for spacing in ("logsnr", "time_quadratic"):
+    for spacing in ("logsnr", "time_quadratic") if args.rows != "sde" else ():
         for n in STEP_COUNTS + (200,):
             runs.append((f"DPM-Solver++(2M), {spacing}", n,
                          lambda n=n, sp=spacing: sampling.dpm_solver_pp_sample_loop(
@@ -295,15 +304,61 @@ def run_samplers(args, schedule, model_fn, var_type, velocity_fn):
                              spacing=sp, **kw)))
     if every_row:
         runs += edm_and_flow_runs(schedule, eps_fn, velocity_fn, shape, x_T)
+    if args.rows in ("all", "sde"):
+        runs += sde_runs(schedule, sde_eps_fn or eps_fn, shape, key, x_T)
     results = []
     for name, steps, fn in runs:
         start = time.time()
-        out = fn()
-        x = np.asarray(jax.block_until_ready(out["sample"]), np.float64)
-        steps = int(out["nfe"]) if steps is None else steps
+        out = jax.block_until_ready(fn())
+        x = np.asarray(out["sample"], np.float64)
+        if "nfe" in out:  # adaptive solvers report their evaluations
+            steps = int(out["nfe"])
         results.append((name, steps, x, time.time() - start))
         print(f"  {name} {steps} steps: {time.time() - start:.1f} s", flush=True)
     return results
+
+
+def sde_runs(schedule, eps_fn, shape, key, x_T):
+    """The score-SDE samplers on the schedule's VP SDE (`sde.DDPMVPSDE`; the eps network
+    called at float steps): PC (reverse diffusion + Langevin, snr 0.01, score_sde's VP
+    setting), Euler-Maruyama, and the probability-flow ODE with Tsit5 (rtol = atol =
+    1e-5; NFE as counted by the solve) and Heun (50 steps); Tweedie denoising at 1e-3."""
+    sde = sde_lib.DDPMVPSDE.from_schedule(schedule)
+    score = sde_losses.score_fn_from_model(sde, eps_fn, "eps")
+    n = schedule.num_timesteps
+    return [
+        ("PC (reverse diffusion + Langevin)", 2 * n + 1, lambda: sampling.pc_sample(
+            sde, score, shape, key=key, x_T=x_T, snr=0.01)),
+        ("Euler-Maruyama", n + 1, lambda: sampling.pc_sample(
+            sde, score, shape, key=key, x_T=x_T, predictor="euler_maruyama",
+            corrector="none")),
+        ("ODE, Heun", 101, lambda: sampling.ode_sample(
+            sde, score, shape, x_T=x_T, solver="heun", num_steps=50)),
+        ("ODE, Tsit5 (adaptive)", 0, lambda: sampling.ode_sample(sde, score, shape, x_T=x_T)),
+    ]
+
+
+def ode_loglik_rows(schedule, models, mixture, rng, num_points):
+    """The ODE log-likelihood (exact divergence, Tsit5, rtol = atol = 1e-5) of held-out
+    mixture samples against their true log-density, for each model."""
+    x = mixture.sample(rng, num_points).astype(np.float32)
+    true = mixture.log_prob(x.astype(np.float64))
+    sde = sde_lib.DDPMVPSDE.from_schedule(schedule)
+    lines = ["| model | mean ODE log p (nats) | mean true log p | mean abs(ODE - true) | "
+             "mean NFE |", "|---|---:|---:|---:|---:|"]
+    summary = {}
+    for label, eps_fn in models:
+        score = sde_losses.score_fn_from_model(sde, eps_fn, "eps")
+        out = likelihood.ode_likelihood(sde, score, jnp.asarray(x))
+        logp = np.asarray(out["logp"], np.float64)
+        se = logp.std(ddof=1) / math.sqrt(logp.size)
+        diff = np.abs(logp - true)
+        summary[label] = dict(ode_logp=float(logp.mean()), ode_logp_se=float(se),
+                              true_logp=float(true.mean()), mean_abs_diff=float(diff.mean()),
+                              nfe=float(np.mean(out["nfe"])))
+        lines.append(f"| {label} | {logp.mean():.4f} +- {se:.4f} | {true.mean():.4f} | "
+                     f"{diff.mean():.4f} | {np.mean(out['nfe']):.0f} |")
+    return "\n".join(lines), summary
 
 
 def off_modes(x, mixture, num_stds=OFF_MODE_STDS):
@@ -394,8 +449,9 @@ def main():
     parser.add_argument("--num_samples", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--rows", choices=("all", "reference_and_dpm"), default="all",
-        help="'reference_and_dpm': only the reference chain and DPM-Solver++ (the seed study)",
+        "--rows", choices=("all", "reference_and_dpm", "sde"), default="all",
+        help="'reference_and_dpm': only the reference chain and DPM-Solver++ (the seed "
+        "study); 'sde': the reference chain and the score-SDE rows",
     )
     parser.add_argument(
         "--overwrite", action="store_true",
@@ -427,15 +483,23 @@ def main():
     fresh = mixture.sample(rng, args.num_samples).astype(np.float64)
     data = mixture.sample(rng, args.num_samples).astype(np.float64)
     report, summary, panel_rows = [], {}, []
-    models = [("trained MLP", trained, "learned_range", trained_velocity),
-              ("exact eps", exact, "fixed_small", exact_velocity)]
-    for label, model_fn, var_type, velocity_fn in models:
+    exact_cont = Partial(exact_mixture_eps_continuous, jnp.asarray(mixture.means, jnp.float32),
+                         float(mixture.stds[0]), sde_lib.DDPMVPSDE.from_schedule(schedule))
+    models = [("trained MLP", trained, "learned_range", trained_velocity, None),
+              ("exact eps", exact, "fixed_small", exact_velocity, exact_cont)]
+    for label, model_fn, var_type, velocity_fn, sde_eps_fn in models:
         print(f"sampling with the {label}:", flush=True)
-        rows = evaluate(run_samplers(args, schedule, model_fn, var_type, velocity_fn), mixture,
-                        data, fresh)
+        rows = evaluate(run_samplers(args, schedule, model_fn, var_type, velocity_fn, sde_eps_fn),
+                        mixture, data, fresh)
         report.append(f"### {label}\n\n{table(rows)}\n")
         summary[label] = [{k: v for k, v in row.items() if k != "x"} for row in rows]
         panel_rows.append((label, [r for r in rows if r["steps"] in (0, 20, 35, 1000)]))
+    if args.rows in ("all", "sde"):
+        text, summary["ode_loglik"] = ode_loglik_rows(
+            schedule, [("trained MLP", Partial(_eps_part, trained)), ("exact eps", exact_cont)],
+            mixture, np.random.default_rng(args.seed + 4), 2000)
+        report.append("### probability-flow ODE log-likelihood of 2000 held-out points\n\n"
+                      + text + "\n")
     header = (
         f"{args.data}: ring mixture ({len(mixture.weights)} x N(., {mixture.stds[0]:.4g}^2 I), "
         f"radius {np.linalg.norm(mixture.means[0]):.4g}); linear schedule T = "

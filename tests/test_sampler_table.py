@@ -56,7 +56,7 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
     # --overwrite replaced the earlier plot with this run's.
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / "sampler_table.json").read_text())
-    assert sorted(summary) == ["exact eps", "trained MLP"]
+    assert {"exact eps", "trained MLP"} <= set(summary)
     header = (tmp_path / "sampler_table.md").read_text().splitlines()[0]
     assert header.startswith("ring8: ring mixture (8 x N(., 0.1768^2 I), radius 1.414);"), header
 
@@ -66,8 +66,9 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
         got = [(r["sampler"], r["steps"]) for r in rows]
         assert got[0] == ("data (fresh sample)", 0)
         assert got[1] == (first, 200), got  # the reference chain, over every step
-        assert got[-len(want) - 1:-1] == want
-        assert got[-1][0] == "flow ODE (OT path), tsit5" and got[-1][1] > 6  # its own NFE
+        assert [row for row in got if row in want] == want  # every row, in this order
+        tsit5 = [n for name, n in got if name == "flow ODE (OT path), tsit5"]
+        assert len(tsit5) == 1 and tsit5[0] > 6  # its own NFE
     # The trained MLP has had 20 steps: its samples may diverge (an eps model that has not
     # learned to cancel x_t's growth scales it by up to 1 / sqrt(abar_T)), so only the
     # exact eps's rows must be finite.
@@ -90,7 +91,9 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
     assert abs(ode["mean_logp"] - data["mean_logp"]) < tol, (ode, data, tol)
     # The same for EDM's Heun sampler at 49 evaluations and the exact velocity's adaptive
     # flow ODE: both are samplers of the data distribution up to discretisation.
-    for row in (exact[("EDM Heun (rho = 7)", 49)], summary["exact eps"][-1]):
+    flow_tsit5 = next(r for r in summary["exact eps"] if r["sampler"].endswith("tsit5")
+                      and r["sampler"].startswith("flow"))
+    for row in (exact[("EDM Heun (rho = 7)", 49)], flow_tsit5):
         tol = 5.0 * np.hypot(data["se_logp"], row["se_logp"])
         assert abs(row["mean_logp"] - data["mean_logp"]) < tol, (row, data, tol)
 
