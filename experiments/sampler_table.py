@@ -20,7 +20,13 @@ the bound term; linear schedule, T = 1000), then samples from the same x_T with
   same size trained by velocity regression for the same number of steps: Euler and Heun at
   10, 20, 50 evaluations and Tsit5 (adaptive, rtol = atol = 1e-5), from the same x_T,
 
-for N = 10, 20, 50 (and DPM-Solver++ at 200, the limit of the probability-flow ODE). The
+for N = 10, 20, 50 (and DPM-Solver++ at 200, the limit of the probability-flow ODE), and
+the score-SDE samplers on the schedule's VP SDE (`sde.DDPMVPSDE`, the eps network called
+at float steps): PC (reverse diffusion + Langevin, snr 0.01), Euler-Maruyama, the
+probability-flow ODE with Heun (50 steps) and with adaptive Tsit5 (rtol = atol = 1e-5;
+its NFE in the "model evals" column). A last table compares the ODE log-likelihood
+(exact divergence) of 2000 held-out points with their true log-density. ``--rows=sde``
+runs the reference chain and these rows only. The
 same samplers also run on the EXACT noise prediction of the mixture (its marginals are
 Gaussian mixtures in closed form; reference: beta-tilde variances) and its exact velocity
 on the OT path, which separates the solvers' error from the network's.
