@@ -152,9 +152,11 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir) -> epath.
         return None
     out_dir = epath.Path(workdir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The 2015 objectives run their whole chain; DDPM's samplers take sample.num_steps.
-    steps = config.sample.num_steps if config.objective == "ddpm" else "all"
+    # The 2015 objectives run their whole chain; the others take sample.num_steps.
+    steps = "all" if config.objective.startswith("dpm2015") else config.sample.num_steps
     stem = f"{config.sample.sampler}_{steps}_step{int(state.step)}"
+    if config.sample.get("guidance", 0.0):  # classifier-free guidance: its w in the name
+        stem += f"_guidance{config.sample.guidance:g}"
     npz_path = _unused_path(out_dir / f"{stem}.npz")
     payload = {"samples": samples.astype(np.float32)}
     if info.kind == "image":
