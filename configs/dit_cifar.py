@@ -38,7 +38,8 @@ def get_config(variant: str | None = None):
     config.model.dtype = "bfloat16"
     config.model.num_classes = 10
     config.model.dit.update(dict(patch_size=2, hidden_size=768, depth=12, num_heads=12,
-                                 mlp_ratio=4.0, class_dropout_prob=0.1))
+                                 mlp_ratio=4.0))
+    config.train.p_uncond = 0.1  # label dropout to the null class (classifier-free guidance)
     config.diffusion.schedule = "linear"
     config.diffusion.var_type = "learned_range"
     config.diffusion.loss_type = "hybrid"

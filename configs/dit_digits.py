@@ -25,7 +25,8 @@ def get_config(variant: str | None = None):
     config.model.name = "dit"
     config.model.num_classes = 10
     config.model.dit.update(dict(patch_size=2, hidden_size=64, depth=4, num_heads=4,
-                                 mlp_ratio=4.0, class_dropout_prob=0.1))
+                                 mlp_ratio=4.0))
+    config.train.p_uncond = 0.1  # label dropout to the null class (classifier-free guidance)
     config.diffusion.schedule = "cosine"
     config.diffusion.num_timesteps = 1000
     config.optim.lr = 1e-3

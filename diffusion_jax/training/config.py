@@ -16,7 +16,7 @@ fails):
   'xla', `diffusion_jax.models.conv.resolve_impl`), dropout_rng ('hash' | 'jax': how dropout
   masks are drawn, `diffusion_jax.models.dropout`); MLP fields features, activation,
   per_step_readout; DiT fields under ``model.dit`` (patch_size, hidden_size, depth,
-  num_heads, mlp_ratio, class_dropout_prob, remat (recompute block activations in the
+  num_heads, mlp_ratio, remat (recompute block activations in the
   backward pass); `diffusion_jax.models.dit`, model.name 'dit').
 - ``diffusion``: schedule ('linear' | 'cosine' | 'sohl_dickstein'), num_timesteps,
   mean_type, var_type, loss_type, decoder_type.
@@ -26,13 +26,15 @@ fails):
 - ``train``: batch_size (global, over all devices and processes), num_steps, log_every,
   checkpoint_every, keep_checkpoints, sample_every (0: no sample grids),
   nan_policy ('stop' | 'skip'), restart_if_unreadable (start from step 0 when every
-  checkpoint is damaged; they are moved to checkpoints_damaged/, never deleted).
+  checkpoint is damaged; they are moved to checkpoints_damaged/, never deleted), p_uncond
+  (label dropout of classifier-free guidance; `objectives.conditioning`).
 - ``mesh``: data, fsdp: the device mesh's axis sizes (data = -1: the devices not in
   fsdp; fsdp = 1: data parallel), min_shard_size (arrays with fewer elements stay
   replicated); see `diffusion_jax.training.mesh` and `.sharding`.
 - ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, spacing (the
   DPM-Solver++ grid: 'logsnr' | 'time_uniform' | 'time_quadratic'), num_samples,
-  clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call).
+  clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call),
+  guidance (w of classifier-free guidance) and guidance_convention ('ho_salimans' | 'lerp').
 - ``dpm2015``: the 2015 paper's objectives (schedule, beta_1, baseline, mean_gain,
   prior_prob, kl_estimator, t_per_example, rbf_hidden, readout_basis); see
   `objectives_2015`.
@@ -86,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.per_step_readout = False
     c.model.dit = ml_collections.ConfigDict(dict(  # model.name 'dit': DiT-S/2 by default
         patch_size=2, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0,
-        class_dropout_prob=0.1, remat=False))
+        remat=False))
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -119,6 +121,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.sample_every = 50_000
     c.train.nan_policy = "stop"
     c.train.restart_if_unreadable = False
+    c.train.p_uncond = 0.0  # label dropout to the null class (classifier-free guidance)
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 
@@ -130,6 +133,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.clip_denoised = True
     c.sample.grid_upscale = 1
     c.sample.batch_size = 256
+    c.sample.guidance = 0.0  # classifier-free guidance w (0: the conditional model)
+    c.sample.guidance_convention = "ho_salimans"  # or 'lerp': guidance is s = 1 + w
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"
