@@ -111,7 +111,7 @@ def test_unwritable_workdir(tmp_path):
     [
         ("diffusion", "var_type", "learned", r"'mse' cannot train var_type 'learned'"),
         ("diffusion", "schedule", "quadratic", r"diffusion.schedule 'quadratic'.*'linear'"),
-        ("model", "name", "resnet", r"model.name 'resnet'.*\['unet', 'mlp'\]"),
+        ("model", "name", "resnet", r"model.name 'resnet'.*\['unet', 'mlp', 'dit'\]"),
         ("model", "conv_weight_grad", "fast",
          r"model.conv_weight_grad 'fast'.*\['auto', 'xla', 'dilated'\]"),
         ("model", "dropout_rng", "philox", r"model.dropout_rng 'philox'.*\['hash', 'jax'\]"),

@@ -17,12 +17,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from diffusion_jax.models import conv
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
 
 __all__ = ["DTYPES", "MODEL_NAMES", "create_model"]
 
-MODEL_NAMES = ("unet", "mlp")
+MODEL_NAMES = ("unet", "mlp", "dit")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -31,6 +32,8 @@ def create_model(config: ml_collections.ConfigDict, info, out_channels: int) -> 
     m = config.model
     if m.name not in MODEL_NAMES:
         raise ValueError(f"Unknown model.name {m.name!r}; valid names are {list(MODEL_NAMES)}.")
+    if m.name == "dit":
+        return _create_dit(m, info, out_channels)
     if m.name == "unet":
         if info.kind != "image":
             raise ValueError(
@@ -67,4 +70,28 @@ def create_model(config: ml_collections.ConfigDict, info, out_channels: int) -> 
     return MLP(
         num_timesteps=config.diffusion.num_timesteps, features=tuple(m.features),
         out_dim=out_channels, activation=m.activation, per_step_readout=m.per_step_readout,
+    )
+
+
+def _create_dit(m: ml_collections.ConfigDict, info, out_channels: int) -> DiT:
+    """The DiT of ``config.model.dit`` (`diffusion_jax.models.dit`), checked against the data."""
+    d = m.dit
+    if info.kind != "image":
+        raise ValueError(f"model.name 'dit' needs image data; data.name {info.name!r} is "
+                         f"{info.kind} data of shape {info.shape}. Use model.name 'mlp'.")
+    height, width = info.shape[:2]
+    if height % d.patch_size or width % d.patch_size:
+        raise ValueError(f"model.dit.patch_size = {d.patch_size} does not divide the image size "
+                         f"{height}x{width} of data set {info.name!r}; pick a divisor of both.")
+    if d.hidden_size % d.num_heads:
+        raise ValueError(f"model.dit.hidden_size = {d.hidden_size} is not divisible by "
+                         f"model.dit.num_heads = {d.num_heads}.")
+    num_classes = m.get("num_classes")
+    if num_classes is not None and info.num_classes is None:
+        raise ValueError(f"model.num_classes = {num_classes} but data set {info.name!r} has no labels.")
+    return DiT(
+        patch_size=d.patch_size, hidden_size=d.hidden_size, depth=d.depth,
+        num_heads=d.num_heads, mlp_ratio=d.mlp_ratio, out_channels=out_channels,
+        num_classes=num_classes, class_dropout_prob=d.class_dropout_prob, dtype=DTYPES[m.dtype],
+        remat=d.get("remat", False),
     )
