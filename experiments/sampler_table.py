@@ -504,8 +504,8 @@ def main():
     if args.rows in ("all", "sde"):
         text, summary["ode_loglik"] = ode_loglik_rows(
             schedule, [("trained MLP", Partial(_eps_part, trained)), ("exact eps", exact_cont)],
-            mixture, np.random.default_rng(args.seed + 4), 2000)
-        report.append("### probability-flow ODE log-likelihood of 2000 held-out points\n\n"
+            mixture, np.random.default_rng(args.seed + 4), min(2000, args.num_samples))
+        report.append("### probability-flow ODE log-likelihood of held-out points\n\n"
                       + text + "\n")
     header = (
         f"{args.data}: ring mixture ({len(mixture.weights)} x N(., {mixture.stds[0]:.4g}^2 I), "

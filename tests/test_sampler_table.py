@@ -19,6 +19,8 @@ SCRIPT = ROOT / "experiments" / "sampler_table.py"
 NUM_SAMPLES = 400
 DPM_ROWS = [(f"DPM-Solver++(2M), {grid}", n)
             for grid in ("logsnr", "time_quadratic") for n in (10, 20, 50, 200)]
+SDE_ROWS = ["PC (reverse diffusion + Langevin)", "Euler-Maruyama", "ODE, Heun",
+            "ODE, Tsit5 (adaptive)"]
 OUTPUTS = ["sampler_table.md", "sampler_table.json", "samples.png"]
 EDM_ROWS = [("EDM Heun (rho = 7)", n) for n in (9, 19, 35, 49)]
 FLOW_ROWS = [(f"flow ODE (OT path), {solver}", n) for solver in ("euler", "heun")
@@ -56,7 +58,7 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
     # --overwrite replaced the earlier plot with this run's.
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((tmp_path / "sampler_table.json").read_text())
-    assert {"exact eps", "trained MLP"} <= set(summary)
+    assert {"exact eps", "trained MLP", "ode_loglik"} <= set(summary)
     header = (tmp_path / "sampler_table.md").read_text().splitlines()[0]
     assert header.startswith("ring8: ring mixture (8 x N(., 0.1768^2 I), radius 1.414);"), header
 
@@ -69,6 +71,10 @@ def test_sampler_table_runs_at_toy_size(tmp_path):
         assert [row for row in got if row in want] == want  # every row, in this order
         tsit5 = [n for name, n in got if name == "flow ODE (OT path), tsit5"]
         assert len(tsit5) == 1 and tsit5[0] > 6  # its own NFE
+        assert [name for name, _ in got if name in SDE_ROWS] == SDE_ROWS
+    # The probability-flow ODE's log-likelihood with the exact eps is the true density
+    # (1e-3 nats: rtol = atol = 1e-5 and the prior's mismatch at T).
+    assert summary["ode_loglik"]["exact eps"]["mean_abs_diff"] < 1e-3
     # The trained MLP has had 20 steps: its samples may diverge (an eps model that has not
     # learned to cancel x_t's growth scales it by up to 1 / sqrt(abar_T)), so only the
     # exact eps's rows must be finite.

@@ -37,7 +37,7 @@ fails):
   guidance (w of classifier-free guidance) and guidance_convention ('ho_salimans' | 'lerp').
 - ``dpm2015``: the 2015 paper's objectives (schedule, beta_1, baseline, mean_gain,
   prior_prob, kl_estimator, t_per_example, rbf_hidden, readout_basis); see
-  `objectives_2015`.
+  `objectives.dpm2015`.
 - ``eval`` (``--mode=eval``): split, num_examples (rounded down to whole global batches),
   batch_size (global), iw_samples (K of the importance-weighted estimate; 0 = off),
   clip_denoised.
@@ -156,7 +156,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.fid.kid_subset_size = 1000
 
     # The 2015 paper's objectives (objective 'dpm2015_gaussian' | 'dpm2015_binomial'; see
-    # training/objectives_2015.py). T is diffusion.num_timesteps.
+    # training/objectives/dpm2015.py). T is diffusion.num_timesteps.
     c.dpm2015 = ml_collections.ConfigDict()
     c.dpm2015.schedule = "learned"  # Gaussian betas: 'learned' (Sec. 2.4.1) | 'fixed'
     c.dpm2015.beta_1 = 1e-3  # the fixed first Gaussian step's beta
