@@ -83,6 +83,7 @@ from diffusion_jax import sde_losses
 from diffusion_jax.data import toy
 from diffusion_jax.sampling import edm as edm_sampling
 from diffusion_jax.sampling import flow as flow_sampling
+from diffusion_jax.training import workdir as workdir_lib
 
 STEP_COUNTS = (10, 20, 50)
 EDM_HEUN_STEPS = (5, 10, 18, 25)  # 2 N - 1 = 9, 19, 35, 49 evaluations
@@ -464,7 +465,7 @@ def main():
         help="replace the table, JSON and plot of an earlier run in --outdir",
     )
     args = parser.parse_args()
-    outdir = pathlib.Path(args.outdir)
+    outdir = pathlib.Path(workdir_lib.resolve_workdir(args.outdir))  # resolved once, here
     earlier = [name for name in OUTPUTS if (outdir / name).exists()]
     if earlier and not args.overwrite:
         parser.error(

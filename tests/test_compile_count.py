@@ -148,3 +148,34 @@ def test_bound_loop_traces_once_for_new_params_and_data():
             first = len(traces)
     assert first >= 1 and len(traces) == first
     assert float(jnp.max(jnp.abs(totals[0] - totals[1]))) > 1e-3
+
+
+def test_training_sample_grids_compile_the_sampler_once(tmp_path, monkeypatch):
+    """Grids at steps 2, 4 and 6, each of 10 samples drawn in batches of 8 (two calls):
+    the sampler is traced once for the whole run."""
+    import dataclasses
+
+    from diffusion_jax.training import objectives
+
+    from helpers import one_level_cifar_config
+
+    traces = []
+    create = objectives.create_objective
+
+    def counting_create(config, info):
+        objective = create(config, info)
+
+        def sample(params, key, num):
+            traces.append(num)  # runs only while tracing
+            return objective.sample(params, key, num)
+
+        return dataclasses.replace(objective, sample=sample)
+
+    monkeypatch.setattr(objectives, "create_objective", counting_create)
+    config = one_level_cifar_config()
+    config.train.num_steps, config.train.sample_every = 6, 2
+    config.sample.num_steps, config.sample.num_samples, config.sample.batch_size = 5, 10, 8
+    train.train_and_evaluate(config, tmp_path)
+    assert traces == [8]
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == [f"ema_samples_0000000{s}.png" for s in (2, 4, 6)]

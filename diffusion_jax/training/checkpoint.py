@@ -8,7 +8,9 @@ the checkpoint directory is changed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -17,6 +19,7 @@ from etils import epath
 __all__ = [
     "CheckpointWriteError",
     "Checkpointer",
+    "CheckpointReadError",
     "IncompatibleCheckpointError",
     "NoUsableCheckpointError",
 ]
@@ -27,11 +30,51 @@ class IncompatibleCheckpointError(ValueError):
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, permissions); earlier ones are intact."""
+    """A checkpoint could not be written (disk full, permissions); earlier ones are intact.
+
+    ``errno`` is the cause's error number where the cause had one, else None.
+    """
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.errno = errno_
 
 
 class NoUsableCheckpointError(FileNotFoundError):
     """Every checkpoint in the directory is damaged; none was changed."""
+
+
+class CheckpointReadError(OSError):
+    """A checkpoint could not be read for a reason outside it (permissions, a timeout or a
+    lost connection to a remote filesystem, memory); it was retried, then left as it is."""
+
+
+# Errors of the environment, not of the checkpoint: the same read may succeed later.
+_TRANSIENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ETIMEDOUT, errno.ECONNRESET,
+                     errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH,
+                     errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN, errno.ENOMEM,
+                     errno.EIO, errno.ESTALE}
+# TensorStore reports its errors as ValueError with an absl status code in the text.
+_TRANSIENT_STATUSES = ("PERMISSION_DENIED", "DEADLINE_EXCEEDED", "UNAVAILABLE",
+                       "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED", "UNAUTHENTICATED")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is environmental: permission
+    denied, a timeout or connection failure, out of memory. Anything else met while
+    reading a checkpoint (a file that fails to decode, metadata missing or inconsistent)
+    means the checkpoint is damaged."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (MemoryError, TimeoutError, ConnectionError, PermissionError)):
+            return True
+        if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(status in str(error) for status in _TRANSIENT_STATUSES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _path_str(path) -> str:
@@ -52,18 +95,28 @@ def _shapes(tree) -> dict[str, tuple]:
 class Checkpointer:
     """Saves and restores `TrainState`s under ``directory`` (local or gs://)."""
 
-    def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True,
+                 read_attempts: int = 3, retry_delay_s: float = 2.0):
         self.directory = epath.Path(directory)
+        self.read_attempts, self.retry_delay_s = read_attempts, retry_delay_s
         self.damaged_steps: list[int] = []
+        self._pending_step: int | None = None  # an asynchronous save not yet checked
+        if self.directory.exists() and not self.directory.is_dir():
+            raise CheckpointWriteError(
+                f"Could not write checkpoints under {self.directory}: it is a file, not a "
+                "directory. Move it away or pass another --workdir.", errno.ENOTDIR,
+            )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
             enable_async_checkpointing=async_save,
         )
         # The handler is named up front so a fresh manager can read existing metadata.
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=ocp.StandardCheckpointHandler()
-        )
+        with self._write_errors(None):
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers=ocp.StandardCheckpointHandler(),
+            )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -72,7 +125,9 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def check_compatible(self, step: int, template) -> None:
-        """Raises IncompatibleCheckpointError if the saved params differ from ``template``'s.
+        """Raises IncompatibleCheckpointError if the saved train state differs from
+        ``template``'s in structure or shapes: parameters first, then the rest (optimizer
+        state, EMA, counters), naming what differs.
 
         A checkpoint whose metadata is missing is not judged here (its restore will tell).
         """
@@ -91,6 +146,19 @@ class Checkpointer:
                     f"{want.get(name, 'absent')} in this config. Use another --workdir, or the "
                     "config that wrote it. Nothing in the workdir was changed."
                 )
+        want, have = _shapes(template), _shapes(saved_tree)
+        differ = [n for n in sorted(set(want) | set(have)) if want.get(n) != have.get(n)]
+        if differ:
+            shown = "; ".join(f"{n!r}: {have.get(n, 'absent')} there, "
+                              f"{want.get(n, 'absent')} here" for n in differ[:4])
+            more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+            raise IncompatibleCheckpointError(
+                f"The checkpoint {where} holds a train state of another structure than this "
+                f"config's: {shown}{more}. The parameters match; a setting that changes "
+                "the optimizer's state (optim.grad_clip on or off, optim.weight_decay on or "
+                "off, ...) differs from the run that wrote it. Use the config that wrote it "
+                "or another --workdir. Nothing in the workdir was changed."
+            )
 
     def restore(self, template, step: int | None = None):
         """Restores ``step`` with ``template``'s structure and shardings.
@@ -111,13 +179,10 @@ class Checkpointer:
         self.damaged_steps = []
         for candidate in steps:
             try:
-                self.check_compatible(candidate, template)
-                restored = self._manager.restore(
-                    candidate, args=ocp.args.StandardRestore(abstract)
-                )
-            except IncompatibleCheckpointError:
+                restored = self._read(candidate, template, abstract)
+            except (IncompatibleCheckpointError, CheckpointReadError):
                 raise
-            except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+            except Exception as e:  # noqa: BLE001 - any other read failure means "damaged"
                 logging.error(
                     "Checkpoint %s/%d cannot be read (%s: %s); it is left as it is and an "
                     "older checkpoint is tried.", self.directory, candidate, type(e).__name__,
@@ -137,6 +202,36 @@ class Checkpointer:
             "away (or use another --workdir) to start from scratch, or set "
             "train.restart_if_unreadable=True to set them aside and start over."
         )
+
+    def _read(self, step: int, template, abstract):
+        """One checkpoint, retried ``read_attempts`` times on environmental errors.
+
+        Raises:
+          CheckpointReadError: the environment kept failing the read (nothing moved).
+        """
+        for attempt in range(1, self.read_attempts + 1):
+            try:
+                self.check_compatible(step, template)
+                return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 - sorted by is_transient
+                if not is_transient(e):
+                    raise
+                cause = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+                if attempt == self.read_attempts:
+                    raise CheckpointReadError(
+                        f"Could not read the checkpoint {self.directory}/{step} after "
+                        f"{attempt} attempts ({cause}). This is an error of the environment "
+                        "(permissions, a remote filesystem, memory), not of the checkpoint: "
+                        "nothing was moved or changed. Fix it and run the same command again."
+                    ) from e
+                delay = self.retry_delay_s * 2 ** (attempt - 1)
+                logging.warning("Reading checkpoint %s/%d failed (%s); retrying in %.0f s "
+                                "(attempt %d of %d).", self.directory, step, cause, delay,
+                                attempt, self.read_attempts)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def set_aside(self, steps) -> list[epath.Path]:
         """Moves the given step directories to ``<directory>_damaged/`` (nothing is deleted),
@@ -166,31 +261,86 @@ class Checkpointer:
     def save(self, step: int, state, *, force: bool = False) -> bool:
         """Starts an asynchronous save of ``state`` as ``step``; returns whether it saved.
 
+        An earlier save still in flight is waited for first. Call `check` (cheap) or `wait`
+        afterwards to learn whether this save was committed.
+
         Raises:
-          CheckpointWriteError: this save, or an earlier asynchronous one, failed to write.
+          CheckpointWriteError: this save, or the earlier asynchronous one, failed.
         """
+        self.wait()
         with self._write_errors(step):
-            return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+            saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        if saved:
+            self._pending_step = step
+        return saved
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step of an asynchronous save whose outcome has not been checked yet."""
+        return self._pending_step
+
+    def check(self) -> None:
+        """Surfaces the failure of a finished asynchronous save without blocking (a save
+        still in flight is left alone).
+
+        Raises:
+          CheckpointWriteError: the save failed in Orbax's background thread.
+        """
+        if self._pending_step is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are committed (CheckpointWriteError if
-        one failed)."""
-        with self._write_errors(None):
+        """Blocks until the pending asynchronous save is committed.
+
+        Raises:
+          CheckpointWriteError: it failed (naming its step, the cause and the last
+            complete checkpoint).
+        """
+        step, self._pending_step = self._pending_step, None
+        with self._write_errors(step):
             self._manager.wait_until_finished()
+
+    def complete_steps(self, exclude=()) -> list[int]:
+        """Steps with a committed checkpoint on disk (Orbax renames a step's temporary
+        directory to the bare step number only once every file is written)."""
+        try:
+            names = [p.name for p in self.directory.iterdir()]
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit() and int(n) not in exclude)
 
     @contextlib.contextmanager
     def _write_errors(self, step):
+        """Turns whatever the storage layer raised while writing (OSError, TensorStore's
+        ValueError such as RESOURCE_EXHAUSTED, Orbax's own errors) into one
+        CheckpointWriteError naming the step, the cause and the last intact checkpoint."""
         try:
             yield
-        except OSError as e:
-            good = [s for s in self.all_steps() if s != step]
+        except CheckpointWriteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to write is a write failure
+            good = self.complete_steps(exclude=() if step is None else (step,))
+            cause = " ".join(f"{type(e).__name__}: {e}".split())
+            if len(cause) > 500:
+                cause = cause[:500] + " ..."
+            what = f"checkpoint {step}" if step is not None else "a checkpoint"
             raise CheckpointWriteError(
-                e.errno,
-                f"Could not write checkpoint {'' if step is None else step} under "
-                f"{self.directory} ({type(e).__name__}: {e}). Free disk space or fix the "
-                f"permissions, then run the same command again: it resumes from the last "
-                f"complete checkpoint ({max(good) if good else 'none yet'}), which is intact.",
+                f"Could not write {what} under {self.directory} ({cause}). Free disk space "
+                "or fix the permissions, then run the same command again: it resumes from "
+                f"the last complete checkpoint ({max(good) if good else 'none yet'}), which "
+                "is intact.",
+                getattr(e, "errno", None),
             ) from e
 
     def close(self) -> None:
-        self._manager.close()
+        """Releases Orbax's threads. Never raises: a failed pending save is logged (the
+        training loop checks saves itself, with `check` and `wait`), so that closing
+        always completes and the process can exit."""
+        try:
+            self.wait()
+        except CheckpointWriteError as e:
+            logging.error("%s", e)
+        try:
+            self._manager.close()
+        except Exception as e:  # noqa: BLE001 - already reported above; must not hang
+            logging.error("Closing the checkpoint manager: %s: %s", type(e).__name__, e)

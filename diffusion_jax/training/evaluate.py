@@ -17,7 +17,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import data
-from diffusion_jax.training import checkpoint, mesh as mesh_lib, objectives, writer
+from diffusion_jax.training import (
+    checkpoint, mesh as mesh_lib, objectives, provenance, workdir as workdir_lib, writer,
+)
 from diffusion_jax.training.setup import validate_config
 from diffusion_jax.training.state import TrainState, make_optimizer
 
@@ -27,11 +29,18 @@ __all__ = ["evaluate_checkpoint", "restore_for_inference", "sample_from_checkpoi
 def restore_for_inference(config: ml_collections.ConfigDict, workdir):
     """(state, objective, info, mesh) from the latest checkpoint in ``workdir``.
 
+    Before anything is computed: the workdir must hold a checkpoint and be writable (the
+    results go there), and ``config`` must agree with the config that trained that
+    checkpoint in every field that defines the model (`provenance.MODEL_DEFINING_FIELDS`).
+
     Raises:
       FileNotFoundError: no checkpoint in ``workdir/checkpoints``.
+      ValueError: the workdir cannot be written, or the config's model-defining fields
+        differ from the training config's (all differences named).
       IncompatibleCheckpointError: the checkpoint's shapes do not match the config.
     """
     validate_config(config)
+    workdir = workdir_lib.resolve_workdir(workdir)
     ckpt_dir = epath.Path(workdir) / "checkpoints"
     if not ckpt_dir.exists():
         raise FileNotFoundError(
@@ -39,6 +48,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir):
             "checkpoint of a trained workdir. Train first with --mode=train, or pass the "
             "--workdir of a trained run."
         )
+    workdir_lib.prepare_workdir(workdir, process_index=jax.process_index())
     mesh = mesh_lib.make_mesh()
     replicated = mesh_lib.replicated(mesh)
     info = data.dataset_info(config.data)
@@ -49,15 +59,46 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir):
     )(jax.random.key(config.seed))
     ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=False)
     try:
-        if ckpt.latest_step() is None:
+        step = ckpt.latest_step()
+        if step is None:
             raise FileNotFoundError(
                 f"No complete checkpoint in {ckpt_dir}. Train first with --mode=train."
             )
+        _check_trained_with(config, workdir, step)
         state = ckpt.restore(template)
     finally:
         ckpt.close()
     logging.info("Restored step %d from %s.", int(state.step), ckpt_dir)
     return state, objective, info, mesh
+
+
+def _check_trained_with(config, workdir, step: int) -> None:
+    trained = provenance.trained_config(workdir, step)
+    if trained is None:
+        logging.warning("No record of the config that trained %s (no config.json): the "
+                        "diffusion settings cannot be checked.", workdir)
+        return
+    differences = provenance.model_mismatches(config, trained)
+    if differences:
+        raise ValueError(
+            f"The config differs from the one that trained step {step} of {workdir} in "
+            f"what defines the model: {'; '.join(differences)} (trained -> given). Use the "
+            "config the run was trained with (its config.json / config_history.jsonl), or "
+            "override these fields to match."
+        )
+
+
+def _append_result(workdir, config, record: dict) -> None:
+    """Appends ``record`` to metrics.jsonl with what produced it: the mode's settings and
+    the config's hash (the config itself is kept as ``configs/<hash>.json``)."""
+    digest = provenance.config_sha256(config)
+    configs = epath.Path(workdir) / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    if not (configs / f"{digest}.json").exists():
+        (configs / f"{digest}.json").write_text(
+            config.to_json_best_effort(indent=2, sort_keys=True))
+    with (epath.Path(workdir) / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({**record, "config_sha256": digest}) + "\n")
 
 
 def _unused_path(path: epath.Path) -> epath.Path:
@@ -90,6 +131,7 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir) -> epath.
     ``samples/{sampler}_{steps}_step{step}.npz`` (uint8-rounded images in ``images`` and the
     raw floats in ``samples``) and a PNG grid beside it. Returns the .npz path (process 0).
     """
+    workdir = workdir_lib.resolve_workdir(workdir)
     state, objective, info, mesh = restore_for_inference(config, workdir)
     if objective.sample is None:
         raise ValueError(f"Objective {config.objective!r} has no sampler for {info.kind} data.")
@@ -110,7 +152,8 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir) -> epath.
         return None
     out_dir = epath.Path(workdir) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
-    steps = config.sample.num_steps if config.sample.sampler != "ancestral" else "all"
+    # The 2015 objectives run their whole chain; the others take sample.num_steps.
+    steps = "all" if config.objective.startswith("dpm2015") else config.sample.num_steps
     stem = f"{config.sample.sampler}_{steps}_step{int(state.step)}"
     if config.sample.get("guidance", 0.0):  # classifier-free guidance: its w in the name
         stem += f"_guidance{config.sample.guidance:g}"
@@ -126,6 +169,9 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir) -> epath.
 
         with _unused_path(npz_path.parent / f"{npz_path.stem}.png").open("wb") as f:
             Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(f, format="PNG")
+    _append_result(workdir, config, {
+        "step": int(state.step), "mode": "sample", "sampler": config.sample.sampler,
+        "sampler_steps": steps, "num_samples": total, "file": str(npz_path)})
     logging.info("Wrote %d samples to %s.", total, npz_path)
     return npz_path
 
@@ -146,6 +192,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir) -> dict:
     order), without flips. Appends one line to ``metrics.jsonl`` (keys ``eval/...``) and
     returns the dict.
     """
+    workdir = workdir_lib.resolve_workdir(workdir)
     state, objective, info, mesh = restore_for_inference(config, workdir)
     if objective.evaluate is None:
         raise ValueError(f"Objective {config.objective!r} has no evaluation.")
@@ -184,6 +231,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir) -> dict:
         results[f"eval/{k}_stderr"] = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
     logging.info("Evaluation: %s", ", ".join(f"{k}={v:.5g}" for k, v in results.items()))
     if jax.process_index() == 0:
-        with (epath.Path(workdir) / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(results) + "\n")
+        _append_result(workdir, config, {
+            **results, "mode": "eval", "eval/split": config.eval.split,
+            "eval/iw_samples": config.eval.iw_samples})
     return results

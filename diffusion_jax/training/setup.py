@@ -9,6 +9,7 @@ from diffusion_jax import gaussian, losses, schedules
 from diffusion_jax.models import conv, dropout, factory
 from diffusion_jax.models.factory import DTYPES, MODEL_NAMES
 from diffusion_jax.sampling import SAMPLERS, SPACINGS
+from diffusion_jax.training import config_checks
 from diffusion_jax.training.objectives import OBJECTIVES, conditioning
 from diffusion_jax.training.step import NAN_POLICIES
 
@@ -32,6 +33,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                  "train.checkpoint_every", "train.keep_checkpoints", "sample.num_samples"):
         section, field = name.split(".")
         _require_positive_int(name, config[section][field])
+    config_checks.check_ranges(config)
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ValueError(f"optim.ema_decay must lie in [0, 1); got {config.optim.ema_decay}.")
     _validate_lr_schedule(config.optim)
@@ -81,9 +83,8 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
     gaussian.check_choice("sample.spacing", config.sample.spacing, SPACINGS)
     _require_positive_int("diffusion.num_timesteps", d.num_timesteps)
     steps = config.sample.num_steps
-    if config.sample.sampler != "ancestral" and not (
-        isinstance(steps, int) and 0 < steps <= d.num_timesteps
-    ):
+    # Every sampler takes num_steps (ancestral respaces the chain to that many steps).
+    if isinstance(steps, bool) or not (isinstance(steps, int) and 0 < steps <= d.num_timesteps):
         raise ValueError(
             f"sample.num_steps must be an int in [1, diffusion.num_timesteps = "
             f"{d.num_timesteps}] for sampler {config.sample.sampler!r}; got {steps!r}."

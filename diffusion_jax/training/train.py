@@ -9,21 +9,22 @@ resumed from it, at the same step and with the same data order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import signal
 import time
+
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
 from diffusion_jax import data
-from diffusion_jax.training import checkpoint, mesh as mesh_lib, objectives, step as step_lib, writer
-from diffusion_jax.training import sharding as sharding_lib
+from diffusion_jax.training import (
+    accumulate, checkpoint, mesh as mesh_lib, objectives, preemption, provenance,
+    sample_grid, sharding as sharding_lib, step as step_lib, workdir as workdir_lib, writer,
+)
 from diffusion_jax.training.setup import validate_config
-from diffusion_jax.training import sample_quality
 from diffusion_jax.training.state import TrainState, make_optimizer
 
 __all__ = ["NonFiniteLossError", "prepare_workdir", "train_and_evaluate"]
@@ -34,118 +35,24 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def prepare_workdir(workdir) -> epath.Path:
-    """Creates ``workdir`` and checks that it can be written to (local or gs://)."""
-    path = epath.Path(workdir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test_{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(
-            f"The workdir {str(path)!r} is not writable ({type(e).__name__}: {e}). Pass a "
-            "--workdir this user can create and write to."
-        ) from e
-    return path
+    """Resolves ``workdir`` to an absolute path (local) and checks that it can be written
+    (see `workdir.prepare_workdir`)."""
+    return workdir_lib.prepare_workdir(workdir, process_index=jax.process_index())
 
 
-def _record_config(workdir: epath.Path, config: ml_collections.ConfigDict, start_step: int):
-    """Writes config.json; a resumed run with another config keeps both files."""
-    if jax.process_index() != 0:
+def _check_finite(acc) -> None:
+    """Raises NonFiniteLossError naming the first bad step and its metrics."""
+    bad = accumulate.first_nonfinite(acc)
+    if bad is None:
         return
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-    path = workdir / "config.json"
-    if path.exists() and path.read_text() != text:
-        path = workdir / f"config_from_step_{start_step}.json"
-        logging.warning("The config differs from the one in %s; saved it as %s.", workdir, path)
-    if not path.exists():
-        path.write_text(text)
-
-
-_SYNC_EVERY = 10
-
-
-class _Preemption:
-    """Records SIGTERM (sent before preemption) so the loop can save and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
-        return self
-
-    def _handler(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and exiting.")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def any_process_requested(self, step: int) -> bool:
-        """Whether any process got SIGTERM. Across processes this is a collective, so it
-        runs every ``_SYNC_EVERY`` steps only (all processes agree on which)."""
-        if jax.process_count() == 1:
-            return self.requested
-        if step % _SYNC_EVERY:
-            return False
-        flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
-        return bool(np.max(flags))
-
-
-class _MetricAccumulator:
-    """Sums metrics on device between log steps and remembers the first non-finite step,
-    so nothing leaves the device until a log or checkpoint step."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.sums, self.count = None, 0
-        self.first_bad = None  # (step, metrics) on device
-
-    def add(self, step: int, metrics: dict):
-        ok = metrics["finite"]
-        # Means are over finite steps only (with nan_policy='skip' the others are dropped).
-        kept = {k: jnp.where(ok > 0, v, 0.0) for k, v in metrics.items()}
-        self.sums = kept if self.sums is None else jax.tree.map(jnp.add, self.sums, kept)
-        self.count += 1
-        bad_now = ok < 1.0
-        if self.first_bad is None:
-            self.first_bad = (jnp.where(bad_now, step, -1), metrics)
-        else:
-            prev_step, prev_metrics = self.first_bad
-            take = bad_now & (prev_step < 0)
-            self.first_bad = (
-                jnp.where(take, step, prev_step),
-                jax.tree.map(lambda new, old: jnp.where(take, new, old), metrics, prev_metrics),
-            )
-
-    def check_finite(self):
-        """Raises NonFiniteLossError naming the first bad step and its metrics."""
-        if self.first_bad is None:
-            return
-        bad_step, metrics = jax.device_get(self.first_bad)
-        if bad_step >= 0:
-            names = ["loss", "grad_norm"] + sorted(set(metrics) - {"loss", "grad_norm", "finite"})
-            detail = ", ".join(f"{k}={float(metrics[k]):.4g}" for k in names)
-            raise NonFiniteLossError(
-                f"Non-finite loss or gradient at step {int(bad_step) + 1} ({detail}). The run "
-                "stopped; the last checkpoint before it is intact. Lower optim.lr, check the "
-                "data, or set train.nan_policy='skip' to drop such updates."
-            )
-
-    def means(self) -> dict[str, float]:
-        sums = jax.device_get(self.sums)
-        finite_steps = float(sums["finite"])
-        out = {k: float(v) / max(finite_steps, 1.0) for k, v in sums.items() if k != "finite"}
-        out["nonfinite_steps"] = self.count - finite_steps
-        return out
+    bad_step, metrics = bad
+    names = ["loss", "grad_norm"] + sorted(set(metrics) - {"loss", "grad_norm", "finite"})
+    detail = ", ".join(f"{k}={metrics[k]:.4g}" for k in names)
+    raise NonFiniteLossError(
+        f"Non-finite loss or gradient at step {bad_step + 1} ({detail}). The run "
+        "stopped; the last checkpoint before it is intact. Lower optim.lr, check the "
+        "data, or set train.nan_policy='skip' to drop such updates."
+    )
 
 
 def _resume(ckpt: checkpoint.Checkpointer, state: TrainState, config) -> TrainState:
@@ -178,11 +85,28 @@ def _resume(ckpt: checkpoint.Checkpointer, state: TrainState, config) -> TrainSt
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState:
     """Trains (or resumes) the model of ``config`` in ``workdir``; returns the final state.
 
-    Writes ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, ``samples/`` and
-    ``config.json`` under ``workdir`` (logs and images from process 0 only).
+    Writes ``checkpoints/``, ``metrics.jsonl``, ``tensorboard/``, ``samples/``,
+    ``config.json`` and ``config_history.jsonl`` under ``workdir`` (logs and images from
+    process 0 only). A relative ``workdir`` is taken from the current directory.
+
+    Raises:
+      ValueError: a bad config or workdir, or a workdir in use by another run.
+      checkpoint.CheckpointWriteError: a checkpoint could not be written (the run stops at
+        the step after the save that failed).
+      NonFiniteLossError: a non-finite loss with ``train.nan_policy='stop'``.
+      preemption.Interrupted: Ctrl-C; the current step was saved first.
     """
     validate_config(config)
     workdir = prepare_workdir(workdir)
+    with contextlib.ExitStack() as stack:
+        # Every close runs, in reverse order, whatever raised: Orbax's and TensorBoard's
+        # non-daemon threads must not keep a failed process alive.
+        signals = stack.enter_context(preemption.StopSignals())
+        stack.enter_context(workdir_lib.lock_workdir(workdir, enabled=jax.process_index() == 0))
+        return _train(config, workdir, stack, signals)
+
+
+def _train(config, workdir, stack: contextlib.ExitStack, signals) -> TrainState:
     process_index, process_count = jax.process_index(), jax.process_count()
     mesh = mesh_lib.mesh_from_config(config)
     replicated, data_sharding = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
@@ -204,13 +128,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints
     )
-    try:
-        state = _resume(ckpt, state, config)
-    except BaseException:
-        ckpt.close()  # release Orbax's background threads before the error propagates
-        raise
+    stack.callback(ckpt.close)
+    state = _resume(ckpt, state, config)
     start_step = int(state.step)
-    _record_config(workdir, config, start_step)
+    history = provenance.ConfigHistory(workdir, config, start_step, enabled=process_index == 0)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("Objective %s, model %s with %d parameters; %d devices, %d processes.",
                  config.objective, config.model.name, num_params, jax.device_count(),
@@ -227,79 +148,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
         donate_argnums=(0,),
     )
     metric_writer = writer.MetricWriter(workdir, enabled=process_index == 0)
+    stack.callback(metric_writer.close)
+    grids = None
+    if objective.sample is not None and config.train.sample_every:
+        grids = sample_grid.SampleGrid(objective, config, sample_key, data_sharding)
     num_steps = config.train.num_steps
     if start_step >= num_steps:
         logging.info("Already at step %d of %d: nothing to train.", start_step, num_steps)
+    if signals.reason == "SIGTERM":
+        logging.warning("SIGTERM before the first step: nothing new to save; exiting.")
+        return state
+    if signals.reason == "SIGINT":
+        raise preemption.Interrupted(
+            f"Interrupted (Ctrl-C) before the first step; nothing was trained or changed "
+            f"(the workdir is at step {start_step})."
+        )
     data_iter = data.create_data_iterator(
         config.data, per_process_batch=per_process_batch, seed=config.seed,
         start_step=start_step, process_index=process_index, process_count=process_count,
     )
-    acc = _MetricAccumulator()
+    acc = None
     last_log_time, last_log_step = time.time(), start_step
     data_wait = 0.0  # seconds blocked in next(data_iter) since the last log step
     saved_step = ckpt.latest_step()
-    try:
-        with _Preemption() as preemption:
-            for step in range(start_step, num_steps):
-                wait_start = time.perf_counter()
-                local_batch = next(data_iter)
-                data_wait += time.perf_counter() - wait_start
-                batch = mesh_lib.global_batch(local_batch, data_sharding)
-                state, metrics = train_step(state, batch)
-                acc.add(step, metrics)
-                done = step + 1
-                is_last = done == num_steps
-                preempted = preemption.any_process_requested(done)
-                stop_on_nan = config.train.nan_policy == "stop"
-                if done % config.train.log_every == 0 or is_last or preempted:
-                    if stop_on_nan:
-                        acc.check_finite()
-                    now = time.time()
-                    steps_per_sec = (done - last_log_step) / max(now - last_log_time, 1e-9)
-                    scalars = acc.means() | {
-                        "steps_per_sec": steps_per_sec,
-                        "images_per_sec": steps_per_sec * config.train.batch_size,
-                        "eta_hours": (num_steps - done) / max(steps_per_sec, 1e-9) / 3600,
-                        # Share of the wall time the loop sat waiting for input: the
-                        # prefetching pipeline should keep this near 0.
-                        "data_wait_fraction": data_wait / max(now - last_log_time, 1e-9),
-                        "skipped_steps": int(jax.device_get(state.skipped_steps)),
-                    }
-                    metric_writer.write_scalars(done, scalars)
-                    acc.reset()
-                    last_log_time, last_log_step, data_wait = now, done, 0.0
-                if done % config.train.checkpoint_every == 0 or is_last or preempted:
-                    if stop_on_nan:
-                        acc.check_finite()
-                    ckpt.save(done, state, force=True)
-                    saved_step = done
-                if objective.sample is not None and config.train.sample_every and (
-                    done % config.train.sample_every == 0 or is_last
-                ):
-                    _write_samples(objective, state, config, sample_key, done, metric_writer,
-                                   data_sharding)
-                if preempted:
-                    logging.warning("Saved step %d after SIGTERM; exiting.", done)
-                    break
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        metric_writer.close()
+    stop_on_nan = config.train.nan_policy == "stop"
+    stop, done = None, start_step
+    for step in range(start_step, num_steps):
+        wait_start = time.perf_counter()
+        local_batch = next(data_iter)
+        data_wait += time.perf_counter() - wait_start
+        batch = mesh_lib.global_batch(local_batch, data_sharding)
+        state, metrics = train_step(state, batch)
+        if acc is None:
+            acc = accumulate.init_accumulator(metrics)
+        acc = accumulate.accumulate(acc, metrics, step)
+        if ckpt.pending_step is not None:
+            # The save started after the previous step: its outcome, now, while the
+            # device computes the step just dispatched. A failure stops the run here.
+            ckpt.wait()
+            history.trained_to(saved_step)
+        done = step + 1
+        is_last = done == num_steps
+        stop = signals.requested(done)
+        if done % config.train.log_every == 0 or is_last or stop:
+            if stop_on_nan:
+                _check_finite(acc)
+            now = time.time()
+            steps_per_sec = (done - last_log_step) / max(now - last_log_time, 1e-9)
+            scalars = accumulate.read_means(acc) | {
+                "steps_per_sec": steps_per_sec,
+                "images_per_sec": steps_per_sec * config.train.batch_size,
+                "eta_hours": (num_steps - done) / max(steps_per_sec, 1e-9) / 3600,
+                # Share of the wall time the loop sat waiting for input: the
+                # prefetching pipeline should keep this near 0.
+                "data_wait_fraction": data_wait / max(now - last_log_time, 1e-9),
+                "skipped_steps": int(jax.device_get(state.skipped_steps)),
+            }
+            metric_writer.write_scalars(done, scalars)
+            acc = None
+            last_log_time, last_log_step, data_wait = now, done, 0.0
+        if done % config.train.checkpoint_every == 0 or is_last or stop:
+            if stop_on_nan and acc is not None:
+                _check_finite(acc)
+            ckpt.save(done, state, force=True)
+            saved_step = done
+        if grids is not None and (done % config.train.sample_every == 0 or is_last):
+            grids.write(state.ema_params, done, metric_writer)
+        if stop:
+            break
+    ckpt.wait()  # the last save: committed, or CheckpointWriteError naming it
+    history.trained_to(saved_step)
+    if stop == "SIGTERM":
+        logging.warning("Saved step %d after SIGTERM; exiting.", done)
+    elif stop == "SIGINT":
+        raise preemption.Interrupted(
+            f"Interrupted (Ctrl-C) at step {done}; saved checkpoint {saved_step}. Run the "
+            "same command to resume from it."
+        )
     logging.info("Finished at step %d (last checkpoint: %s).", int(state.step), saved_step)
     return state
-
-
-def _write_samples(objective, state, config, key, step, metric_writer, sharding):
-    num = config.sample.num_samples
-    padded = -(-num // sharding.mesh.size) * sharding.mesh.size  # even split, trim after
-    # Sharding the samples over the mesh splits the work; replicated inputs alone would
-    # make every device compute the whole chain.
-    draw = jax.jit(lambda params, key: objective.sample(params, key, padded), out_shardings=sharding)
-    images = draw(state.ema_params, jax.random.fold_in(key, step))
-    images = multihost_utils.process_allgather(images, tiled=True)[:num]
-    grid = writer.image_grid(images, upscale=config.sample.grid_upscale)
-    path = metric_writer.write_image(step, "ema_samples", grid)
-    if path is not None:
-        logging.info("Wrote %s.", path)
-    if config.data.name == "digits":
-        sample_quality.log_digits_fid(images, step, metric_writer)

@@ -77,6 +77,13 @@ class MetricWriter:
         return path
 
     def close(self) -> None:
-        if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
+        """Closes the files and TensorBoard's writer thread. Never raises (a full disk
+        must not keep the thread alive or hide the error that stopped the run): a
+        failure to flush is logged."""
+        if not self.enabled:
+            return
+        for close in (self._jsonl.close, self._tb.close):
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - logged; closing must complete
+                logging.error("Closing the metric writer: %s: %s", type(e).__name__, e)

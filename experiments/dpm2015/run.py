@@ -51,6 +51,7 @@ from diffusion_jax import binomial, data, dpm2015, gaussian, losses  # noqa: E40
 from diffusion_jax.data import toy  # noqa: E402
 from diffusion_jax.training import train  # noqa: E402
 from diffusion_jax.training.objectives import dpm2015 as objectives_2015  # noqa: E402
+from diffusion_jax.training import workdir as workdir_lib  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
@@ -436,6 +437,9 @@ def main():
     parser.add_argument("--bound_examples", type=int, default=2_000)
     parser.add_argument("--oracle_examples", type=int, default=300)
     args = parser.parse_args()
+    # Resolved once, here: every path below (and Orbax's, which must be absolute) uses these.
+    args.workdir = pathlib.Path(workdir_lib.resolve_workdir(args.workdir))
+    args.outdir = pathlib.Path(workdir_lib.resolve_workdir(args.outdir))
     args.outdir.mkdir(parents=True, exist_ok=True)
     results_path = args.outdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() and args.only else {}
