@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
 
 from diffusion_jax import gaussian, losses, schedules
 from diffusion_jax.models import MLP, UNet, conv, dropout
@@ -76,15 +71,10 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
     gaussian.check_choice("diffusion.decoder_type", d.decoder_type, losses.DECODER_TYPES)
     gaussian.check_choice("model.name", config.model.name, MODEL_NAMES)
     gaussian.check_choice("model.dtype", config.model.dtype, tuple(DTYPES))
-    gaussian.check_choice("model.conv_weight_grad", config.model.conv_weight_grad,
-                          conv.WEIGHT_GRADS)
     gaussian.check_choice("model.dropout_rng", config.model.dropout_rng, dropout.DROPOUT_RNGS)
-    gaussian.check_choice("model.conv_impl", config.model.conv_impl, conv.IMPL_CHOICES)
-    if config.model.conv_impl == "onednn" and config.model.dtype != "float32":
-        raise ValueError(
-            f"model.conv_impl='onednn' computes in float32; model.dtype is "
-            f"{config.model.dtype!r}. Use model.conv_impl='xla' for other dtypes."
-        )
+    gaussian.check_choice("model.cpu_kernels", config.model.cpu_kernels, conv.CPU_KERNELS)
+    if config.model.name == "unet" and config.model.dtype in DTYPES:
+        conv.check_cpu_kernels(config.model.cpu_kernels, DTYPES[config.model.dtype])
     gaussian.check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
     gaussian.check_choice("sample.spacing", config.sample.spacing, SPACINGS)
     _require_positive_int("diffusion.num_timesteps", d.num_timesteps)
@@ -114,22 +104,11 @@ def create_model(config: ml_collections.ConfigDict, info) -> nn.Module:
             raise ValueError(
                 f"model.num_classes = {num_classes} but data set {info.name!r} has no labels."
             )
-        # Resolved once here, so that every trace of this model computes the same way.
-        impl, why = conv.resolve_impl(m.conv_impl, DTYPES[m.dtype])
-        if m.conv_impl == "auto":
-            logging.info("model.conv_impl='auto': %s convolutions (%s)", impl, why)
-            if jax.process_count() > 1:  # hosts that chose differently would never meet
-                multihost_utils.assert_equal(
-                    np.asarray(conv.IMPLS.index(impl), np.int32),
-                    f"model.conv_impl='auto' chose {impl} convolutions on process "
-                    f"{jax.process_index()} ({why}), and other processes chose otherwise: "
-                    "set model.conv_impl='xla' (or make oneDNN available on every host).")
         return UNet(
             ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
             attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_channels=out,
             num_classes=num_classes, dtype=DTYPES[m.dtype],
-            conv_weight_grad=m.conv_weight_grad, dropout_rng=m.dropout_rng,
-            conv_impl=impl,
+            dropout_rng=m.dropout_rng, cpu_kernels=m.cpu_kernels,
         )
     if info.kind != "vector":
         raise ValueError(
