@@ -443,7 +443,7 @@ class UNet(nn.Module):
           train: enables dropout, which then draws from the ``'dropout'`` rng.
 
         Returns:
-          float32 array of shape (B, H, W, out_channels or C).
+          float32 (float64 for dtype float64) array of shape (B, H, W, out_channels or C).
         """
         self._check_inputs(x, t, y)
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -506,7 +506,7 @@ class UNet(nn.Module):
             name="conv_out",
             **conv,
         )(h)
-        return h.astype(jnp.float32)
+        return h.astype(jnp.promote_types(self.dtype, jnp.float32))  # float64 stays
 
     def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
         """Static (trace-time) checks of the configuration and the input shapes."""
