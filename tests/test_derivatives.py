@@ -20,7 +20,10 @@ from diffusion_jax.models import MLP, NormalizedRBF, UNet
 
 CIFAR_AT_8X8 = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(4,),
                     dropout=0.1)
-TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(2,), dropout=0.1)
+# Two levels with no block of their own on the way down: conv_in, the stride-2
+# downsampling, the middle (two residual blocks around attention), one residual block per
+# level on the way up and the upsampling's phase convolutions: every kind of layer.
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=0, attn_resolutions=(), dropout=0.1)
 # Central differences in float64: truncation error ~ h**2 |f'''|, rounding ~ 1e-16 / h.
 _STEP = 1e-5
 
