@@ -35,3 +35,11 @@ def test_tiny_run_reports_every_measurement(tmp_path, capsys):
     assert result["bound"]["num_timesteps"] == 10
     assert math.isfinite(result["bound"]["mean_total_bpd_of_untrained_model"])
     assert math.isfinite(result["train"]["loss"])
+
+
+def test_bad_sample_steps_is_a_usage_error(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _load().main(["--sample-steps=0"])
+    assert "--sample-steps must be positive; got 0" in capsys.readouterr().err

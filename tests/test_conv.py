@@ -242,3 +242,17 @@ def test_only_the_differentiated_arguments_get_a_gradient_program():
     assert dx.params["lhs_dilation"] == (1, 1)
     (_, dkernel) = convolutions(1)
     assert dkernel.params["lhs_dilation"] == (2, 2)
+
+
+def test_onednn_wheels_are_an_install_extra_only():
+    """`pip install -e .` pulls no oneDNN wheel; `.[onednn]` pulls both (pinned)."""
+    import pathlib
+    import tomllib
+
+    project = tomllib.loads((pathlib.Path(__file__).resolve().parent.parent
+                             / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if "onednn" in d.lower()]
+    extra = project["optional-dependencies"]["onednn"]
+    assert sorted(d.split("==")[0] for d in extra) == ["onednn-cpu-gomp",
+                                                       "onednn-devel-cpu-gomp"]
+    assert all("==2023.2.0;" in d and "platform_machine == 'x86_64'" in d for d in extra)
