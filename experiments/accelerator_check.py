@@ -18,9 +18,10 @@ What it measures, on the default device (one chip):
 - ``bound``: `likelihood.calc_bpd_loop` over the full T = 1000 (every term of the
   variational bound), seconds per batch and images/s.
 
-``--tiny`` shrinks everything (a two-level U-Net with ch 32 on 8x8 images, T = 10, small
-batches and matmuls), so that the script runs on a CPU in about a minute; the test suite
-runs it that way (tests/test_accelerator_check.py).
+``--tiny`` shrinks everything (a two-level U-Net with ch 32 on 8x8 images, small
+batches and matmuls, T = 25: the linear schedule needs T > 20), so that the script runs
+on a CPU in about a minute; the test suite runs it that way
+(tests/test_accelerator_check.py).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ FULL = dict(image=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn=(16,)
             train_batch=128, sample_batch=256, bound_batch=64, num_timesteps=1000,
             peak_sizes=(4096, 8192, 16384), steps=10)
 TINY = dict(image=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn=(4,),
-            train_batch=4, sample_batch=4, bound_batch=2, num_timesteps=10,
+            train_batch=4, sample_batch=4, bound_batch=2, num_timesteps=25,
             peak_sizes=(128, 256), steps=2)
 
 

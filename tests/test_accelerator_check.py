@@ -30,9 +30,9 @@ def test_tiny_run_reports_every_measurement(tmp_path, capsys):
     assert all(math.isfinite(v) and v > 0 for v in positive), positive
     assert 0 < result["train"]["fraction_of_peak"] <= 1
     assert set(result["sample"]) == {"ancestral", "ddim", "dpm_solver++"}
-    assert result["sample"]["ancestral"]["network_evals"] == 10  # T of the tiny run
+    assert result["sample"]["ancestral"]["network_evals"] == 25  # T of the tiny run
     assert result["sample"]["ddim"]["network_evals"] == 3
-    assert result["bound"]["num_timesteps"] == 10
+    assert result["bound"]["num_timesteps"] == 25
     assert math.isfinite(result["bound"]["mean_total_bpd_of_untrained_model"])
     assert math.isfinite(result["train"]["loss"])
 
