@@ -5,6 +5,9 @@ r"""Entry point: train, sample or evaluate a diffusion model from a config file.
   python launch.py --config=configs/digits.py --workdir=runs/digits --mode=sample \
       --config.sample.sampler=ddim --config.sample.num_steps=50
   python launch.py --config=configs/digits.py --workdir=runs/digits --mode=eval
+  python launch.py --config=configs/ddpm_cifar.py --workdir=DIR --mode=fid_stats
+  python launch.py --config=configs/ddpm_cifar.py --workdir=DIR --mode=fid \
+      --config.sample.sampler=ddim --config.sample.num_steps=100
 
 Multi-host (each process runs the same command with its own --process_id):
   python launch.py ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
@@ -26,9 +29,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "sample", "eval"],
+    "mode", "train", ["train", "sample", "eval", "fid_stats", "fid"],
     "train: train or resume; sample: draw config.sample.num_samples samples from the latest "
-    "checkpoint's EMA parameters; eval: test-set bits/dim of the latest checkpoint.",
+    "checkpoint's EMA parameters; eval: test-set bits/dim of the latest checkpoint; "
+    "fid_stats: feature statistics of config.fid.split; fid: FID, KID, IS and "
+    "precision/recall of config.fid.num_samples samples against them.",
 )
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() and let JAX find the cluster."
@@ -60,12 +65,14 @@ def main(argv):
         process_id=_PROCESS_ID.value, auto=_DISTRIBUTED.value,
         heartbeat_timeout_seconds=_HEARTBEAT.value,
     )
-    from diffusion_jax.training import evaluate, train
+    from diffusion_jax.training import evaluate, sample_quality, train
 
     run = {
         "train": train.train_and_evaluate,
         "sample": evaluate.sample_from_checkpoint,
         "eval": evaluate.evaluate_checkpoint,
+        "fid_stats": sample_quality.compute_reference_statistics,
+        "fid": sample_quality.fid_of_checkpoint,
     }[_MODE.value]
     try:
         run(_CONFIG.value, _WORKDIR.value)

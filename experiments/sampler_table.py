@@ -13,10 +13,23 @@ the bound term; linear schedule, T = 1000), then samples from the same x_T with
 - DPM-Solver++(2M) with N model evaluations on its log-SNR grid and on its time-quadratic
   grid (`sampling.dpm_solver_timesteps`), final denoising step,
 
-for N = 10, 20, 50 (and DPM-Solver++ at 200, the limit of the probability-flow ODE). The
+- EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 1, rho = 7) on the same
+  eps network through `edm.DDPMPrecond` (NVlabs' iDDPMPrecond: sigma rounded to the
+  schedule's steps), N = 5, 10, 18, 25 Heun steps = 9, 19, 35, 49 evaluations,
+- the flow-matching ODE (conditional OT path, `diffusion_jax.flow`) of a second MLP of the
+  same size trained by velocity regression for the same number of steps: Euler and Heun at
+  10, 20, 50 evaluations and Tsit5 (adaptive, rtol = atol = 1e-5), from the same x_T,
+
+for N = 10, 20, 50 (and DPM-Solver++ at 200, the limit of the probability-flow ODE), and
+the score-SDE samplers on the schedule's VP SDE (`sde.DDPMVPSDE`, the eps network called
+at float steps): PC (reverse diffusion + Langevin, snr 0.01), Euler-Maruyama, the
+probability-flow ODE with Heun (50 steps) and with adaptive Tsit5 (rtol = atol = 1e-5;
+its NFE in the "model evals" column). A last table compares the ODE log-likelihood
+(exact divergence) of 2000 held-out points with their true log-density. ``--rows=sde``
+runs the reference chain and these rows only. The
 same samplers also run on the EXACT noise prediction of the mixture (its marginals are
-Gaussian mixtures in closed form; reference: beta-tilde variances), which separates the
-solvers' error from the network's.
+Gaussian mixtures in closed form; reference: beta-tilde variances) and its exact velocity
+on the OT path, which separates the solvers' error from the network's.
 
 For each: the average TRUE log-density of the samples (nats per example, +- its standard
 error), its relative difference to the reference chain's (+- the standard error of the
@@ -64,10 +77,17 @@ import numpy as np
 import optax
 from jax.tree_util import Partial
 
-from diffusion_jax import gaussian, losses, sampling, schedules
+from diffusion_jax import edm, flow, gaussian, likelihood, losses, sampling, schedules
+from diffusion_jax import sde as sde_lib
+from diffusion_jax import sde_losses
 from diffusion_jax.data import toy
+from diffusion_jax.sampling import edm as edm_sampling
+from diffusion_jax.sampling import flow as flow_sampling
 
 STEP_COUNTS = (10, 20, 50)
+EDM_HEUN_STEPS = (5, 10, 18, 25)  # 2 N - 1 = 9, 19, 35, 49 evaluations
+FLOW_PATH = flow.CondOTPath()
+FLOW_TIME_SCALE = 999.0  # the MLP sees flow time t in [0, 1] as 999 t, like DDPM's steps
 OFF_MODE_STDS = 4.0
 OUTPUTS = ("sampler_table.md", "sampler_table.json", "samples.png")
 # Equal-weight 2-D Gaussians on a circle: (components, radius, component std).
@@ -150,6 +170,73 @@ def train(args, schedule, mixture):
     return Partial(apply, ema)
 
 
+def train_flow(args, mixture):
+    """The same MLP (output: the velocity) trained by conditional flow matching on the OT
+    path (`flow.velocity_loss`, t ~ U[0, 1]), Adam + cosine decay, EMA; returns v(x, t)."""
+    model = TimeMLP(1000, hidden=args.hidden, depth=args.depth, out_dim=2)
+    init_key, key = jax.random.split(jax.random.key(args.seed + 10))
+    params = model.init(init_key, jnp.zeros((1, 2)), jnp.zeros((1,), jnp.float32))["params"]
+    optimizer = optax.adam(optax.cosine_decay_schedule(args.lr, args.train_steps, alpha=0.05))
+    opt_state, ema = optimizer.init(params), params
+
+    def apply(p, x, t):
+        return model.apply({"params": p}, x, t * FLOW_TIME_SCALE)
+
+    @jax.jit
+    def step(params, opt_state, ema, x1, key):
+        def loss_fn(p):
+            return jnp.mean(flow.velocity_loss(FLOW_PATH, Partial(apply, p), x1,
+                                               key=key)["loss"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: args.ema * e + (1 - args.ema) * p, ema, params)
+        return params, opt_state, ema, loss
+
+    rng = np.random.default_rng(args.seed + 10)
+    start, running = time.time(), []
+    for i in range(args.train_steps):
+        x1 = jnp.asarray(mixture.sample(rng, args.batch_size))
+        params, opt_state, ema, loss = step(params, opt_state, ema, x1, jax.random.fold_in(key, i))
+        running.append(loss)
+        if (i + 1) % max(args.train_steps // 5, 1) == 0:
+            print(f"flow step {i + 1}: velocity loss {float(jnp.mean(jnp.stack(running))):.4f} "
+                  f"({time.time() - start:.0f} s)", flush=True)
+            running = []
+    return Partial(apply, ema)  # one function object: the samplers compile once per shape
+
+
+def exact_mixture_velocity(means, std, x, t):
+    """E[x_1 - x_0 | x_t = x] on the OT path for an isotropic mixture of equal weights:
+    component k gives x_t ~ N(t m_k, (t^2 s^2 + (1 - t)^2) I) and the Gaussian velocity
+    m_k + (t s^2 - (1 - t)) / var (x - t m_k); weighted by the components' posteriors."""
+    tt = t[:, None, None]
+    var = jnp.square(tt) * std**2 + jnp.square(1.0 - tt)  # (B, 1, 1)
+    diff = x[:, None, :] - tt * means[None]  # (B, K, D)
+    weights = jax.nn.softmax(-jnp.sum(diff**2, -1, keepdims=True) / (2.0 * var), axis=1)
+    velocity = means[None] + (tt * std**2 - (1.0 - tt)) / var * diff
+    return jnp.sum(weights * velocity, axis=1)
+
+
+def edm_and_flow_runs(schedule, eps_fn, velocity_fn, shape, x_T):
+    """EDM Heun on the eps network (`edm.DDPMPrecond`) and the flow ODE, as run rows."""
+    precond = edm.DDPMPrecond.from_alphas_cumprod(schedule.alphas_cumprod)
+    lo, hi = precond.sigma_range
+    denoiser = edm.denoiser_fn(precond, eps_fn)
+    grid = np.asarray(precond.sigmas, np.float64)
+    runs = [("EDM Heun (rho = 7)", 2 * n - 1, lambda n=n: edm_sampling.edm_sampler(
+        denoiser, shape, x_T=x_T, num_steps=n, sigma_min=max(0.002, lo), sigma_max=min(80.0, hi),
+        grid=grid)) for n in EDM_HEUN_STEPS]
+    for solver, per_step in (("euler", 1), ("heun", 2)):
+        runs += [(f"flow ODE (OT path), {solver}", n, lambda n=n, s=solver, k=per_step:
+                  flow_sampling.sample_ode(velocity_fn, x0=x_T, solver=s, num_steps=n // k))
+                 for n in STEP_COUNTS]
+    runs.append(("flow ODE (OT path), tsit5", None, lambda: flow_sampling.sample_ode(
+        velocity_fn, x0=x_T, solver="tsit5")))
+    return runs
+
+
 def sliced_wasserstein(a, b, *, num_directions=256, seed=0):
     """Mean over random unit directions of the 1-D Wasserstein-1 distance of projections."""
     rng = np.random.default_rng(seed)
@@ -171,19 +258,28 @@ def exact_mixture_eps(means, std, alphas_cumprod, x_t, t):
     return -jnp.sqrt(1.0 - alphas_cumprod[t])[:, None] * score
 
 
+def exact_mixture_eps_continuous(means, std, sde, x_t, s):
+    """`exact_mixture_eps` at a float DDPM step s (the network's time under `sde.DDPMVPSDE`):
+    abar of the schedule's VP SDE at t = (s + 1) / N."""
+    alpha, _ = sde.marginal_coeffs((s + 1.0) / sde.N)
+    return exact_mixture_eps(means, std, alpha**2, x_t, jnp.arange(x_t.shape[0]))
+
+
 def _eps_part(model_fn, x_t, t):
     """The eps half of a learned-variance model's output."""
     return gaussian.split_model_output(model_fn(x_t, t), x_t, "learned_range")[0]
 
 
-def run_samplers(args, schedule, model_fn, var_type):
+def run_samplers(args, schedule, model_fn, var_type, velocity_fn=None, sde_eps_fn=None):
     """[(sampler, model evaluations, samples float64 (n, 2), seconds)].
 
     The first row is the reference: ancestral sampling over all T steps with the model's
     own variances (``var_type``: learned_range for the trained MLP; beta-tilde for the exact
     eps, which has no variance output). The fixed variances of DDPM follow (for a model with
     learned variances, on its eps output alone), then DDIM and DPM-Solver++(2M) on both
-    of its grids. Every sampler starts from the same x_T. ``args.rows ==
+    of its grids, EDM's Heun sampler on the eps output and the flow ODE of ``velocity_fn``
+    (rows with steps None report the solver's evaluation count). Every sampler starts
+    from the same x_T. ``args.rows ==
     'reference_and_dpm'`` keeps the reference chain and DPM-Solver++ alone.
     """
     shape = (args.num_samples, 2)
@@ -206,19 +302,69 @@ def run_samplers(args, schedule, model_fn, var_type):
         spaced, spaced_model = sampling.respace(schedule, model_fn, str(n))
         runs.append(("DDIM", n, lambda s=spaced, m=spaced_model: sampling.ddim_sample_loop(
             s, m, shape, key=key, x_T=x_T, **kw)))
-    for spacing in ("logsnr", "time_quadratic"):
+    for spacing in ("logsnr", "time_quadratic") if args.rows != "sde" else ():
         for n in STEP_COUNTS + (200,):
             runs.append((f"DPM-Solver++(2M), {spacing}", n,
                          lambda n=n, sp=spacing: sampling.dpm_solver_pp_sample_loop(
                              schedule, model_fn, shape, num_steps=n, key=key, x_T=x_T,
                              spacing=sp, **kw)))
+    if every_row:
+        runs += edm_and_flow_runs(schedule, eps_fn, velocity_fn, shape, x_T)
+    if args.rows in ("all", "sde"):
+        runs += sde_runs(schedule, sde_eps_fn or eps_fn, shape, key, x_T)
     results = []
     for name, steps, fn in runs:
         start = time.time()
-        x = np.asarray(jax.block_until_ready(fn()["sample"]), np.float64)
+        out = jax.block_until_ready(fn())
+        x = np.asarray(out["sample"], np.float64)
+        if "nfe" in out:  # adaptive solvers report their evaluations
+            steps = int(out["nfe"])
         results.append((name, steps, x, time.time() - start))
         print(f"  {name} {steps} steps: {time.time() - start:.1f} s", flush=True)
     return results
+
+
+def sde_runs(schedule, eps_fn, shape, key, x_T):
+    """The score-SDE samplers on the schedule's VP SDE (`sde.DDPMVPSDE`; the eps network
+    called at float steps): PC (reverse diffusion + Langevin, snr 0.01, score_sde's VP
+    setting), Euler-Maruyama, and the probability-flow ODE with Tsit5 (rtol = atol =
+    1e-5; NFE as counted by the solve) and Heun (50 steps); Tweedie denoising at 1e-3."""
+    sde = sde_lib.DDPMVPSDE.from_schedule(schedule)
+    score = sde_losses.score_fn_from_model(sde, eps_fn, "eps")
+    n = schedule.num_timesteps
+    return [
+        ("PC (reverse diffusion + Langevin)", 2 * n + 1, lambda: sampling.pc_sample(
+            sde, score, shape, key=key, x_T=x_T, snr=0.01)),
+        ("Euler-Maruyama", n + 1, lambda: sampling.pc_sample(
+            sde, score, shape, key=key, x_T=x_T, predictor="euler_maruyama",
+            corrector="none")),
+        ("ODE, Heun", 101, lambda: sampling.ode_sample(
+            sde, score, shape, x_T=x_T, solver="heun", num_steps=50)),
+        ("ODE, Tsit5 (adaptive)", 0, lambda: sampling.ode_sample(sde, score, shape, x_T=x_T)),
+    ]
+
+
+def ode_loglik_rows(schedule, models, mixture, rng, num_points):
+    """The ODE log-likelihood (exact divergence, Tsit5, rtol = atol = 1e-5) of held-out
+    mixture samples against their true log-density, for each model."""
+    x = mixture.sample(rng, num_points).astype(np.float32)
+    true = mixture.log_prob(x.astype(np.float64))
+    sde = sde_lib.DDPMVPSDE.from_schedule(schedule)
+    lines = ["| model | mean ODE log p (nats) | mean true log p | mean abs(ODE - true) | "
+             "mean NFE |", "|---|---:|---:|---:|---:|"]
+    summary = {}
+    for label, eps_fn in models:
+        score = sde_losses.score_fn_from_model(sde, eps_fn, "eps")
+        out = likelihood.ode_likelihood(sde, score, jnp.asarray(x))
+        logp = np.asarray(out["logp"], np.float64)
+        se = logp.std(ddof=1) / math.sqrt(logp.size)
+        diff = np.abs(logp - true)
+        summary[label] = dict(ode_logp=float(logp.mean()), ode_logp_se=float(se),
+                              true_logp=float(true.mean()), mean_abs_diff=float(diff.mean()),
+                              nfe=float(np.mean(out["nfe"])))
+        lines.append(f"| {label} | {logp.mean():.4f} +- {se:.4f} | {true.mean():.4f} | "
+                     f"{diff.mean():.4f} | {np.mean(out['nfe']):.0f} |")
+    return "\n".join(lines), summary
 
 
 def off_modes(x, mixture, num_stds=OFF_MODE_STDS):
@@ -309,8 +455,9 @@ def main():
     parser.add_argument("--num_samples", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--rows", choices=("all", "reference_and_dpm"), default="all",
-        help="'reference_and_dpm': only the reference chain and DPM-Solver++ (the seed study)",
+        "--rows", choices=("all", "reference_and_dpm", "sde"), default="all",
+        help="'reference_and_dpm': only the reference chain and DPM-Solver++ (the seed "
+        "study); 'sde': the reference chain and the score-SDE rows",
     )
     parser.add_argument(
         "--overwrite", action="store_true",
@@ -334,22 +481,36 @@ def main():
         float(mixture.stds[0]), schedule.alphas_cumprod,
     )
     trained = train(args, schedule, mixture)
+    trained_velocity = train_flow(args, mixture) if args.rows == "all" else None
+    exact_velocity = Partial(exact_mixture_velocity, jnp.asarray(mixture.means, jnp.float32),
+                             float(mixture.stds[0]))
 
     rng = np.random.default_rng(args.seed + 2)
     fresh = mixture.sample(rng, args.num_samples).astype(np.float64)
     data = mixture.sample(rng, args.num_samples).astype(np.float64)
     report, summary, panel_rows = [], {}, []
-    models = [("trained MLP", trained, "learned_range"), ("exact eps", exact, "fixed_small")]
-    for label, model_fn, var_type in models:
+    exact_cont = Partial(exact_mixture_eps_continuous, jnp.asarray(mixture.means, jnp.float32),
+                         float(mixture.stds[0]), sde_lib.DDPMVPSDE.from_schedule(schedule))
+    models = [("trained MLP", trained, "learned_range", trained_velocity, None),
+              ("exact eps", exact, "fixed_small", exact_velocity, exact_cont)]
+    for label, model_fn, var_type, velocity_fn, sde_eps_fn in models:
         print(f"sampling with the {label}:", flush=True)
-        rows = evaluate(run_samplers(args, schedule, model_fn, var_type), mixture, data, fresh)
+        rows = evaluate(run_samplers(args, schedule, model_fn, var_type, velocity_fn, sde_eps_fn),
+                        mixture, data, fresh)
         report.append(f"### {label}\n\n{table(rows)}\n")
         summary[label] = [{k: v for k, v in row.items() if k != "x"} for row in rows]
-        panel_rows.append((label, [r for r in rows if r["steps"] in (0, 20, 1000)]))
+        panel_rows.append((label, [r for r in rows if r["steps"] in (0, 20, 35, 1000)]))
+    if args.rows in ("all", "sde"):
+        text, summary["ode_loglik"] = ode_loglik_rows(
+            schedule, [("trained MLP", Partial(_eps_part, trained)), ("exact eps", exact_cont)],
+            mixture, np.random.default_rng(args.seed + 4), 2000)
+        report.append("### probability-flow ODE log-likelihood of 2000 held-out points\n\n"
+                      + text + "\n")
     header = (
         f"{args.data}: ring mixture ({len(mixture.weights)} x N(., {mixture.stds[0]:.4g}^2 I), "
         f"radius {np.linalg.norm(mixture.means[0]):.4g}); linear schedule T = "
-        f"{args.num_timesteps}; eps-MLP ({args.depth} blocks of width {args.hidden}) trained "
+        f"{args.num_timesteps}; eps-MLP and velocity MLP (flow rows; 'exact eps': the exact "
+        f"velocity) ({args.depth} blocks of width {args.hidden}) each trained "
         f"{args.train_steps} steps (batch "
         f"{args.batch_size}); {args.num_samples} samples per row; seed {args.seed}; "
         f"{jax.devices()[0].device_kind}.\n\n"

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from diffusion_jax import binomial, data
-from diffusion_jax.training import objectives_2015, train
+from diffusion_jax.training import train
+from diffusion_jax.training.objectives import dpm2015 as objectives_2015
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ import pytest
 from diffusion_jax import data, dpm2015, schedules
 from diffusion_jax.data import toy
 from diffusion_jax.models.rbf import NormalizedRBF
-from diffusion_jax.training import evaluate, objectives_2015, train
+from diffusion_jax.training import evaluate, train
+from diffusion_jax.training.objectives import dpm2015 as objectives_2015
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -120,7 +120,7 @@ CIFAR_TINY = f"--config={ROOT / 'configs' / 'ddpm_cifar.py'}:tiny"
         (["--config.diffusion.var_type=learned"], "'mse' cannot train var_type 'learned'"),
         (["--config.sample.sampler=ddim", "--config.sample.num_steps=50"],
          "sample.num_steps must be an int in [1, diffusion.num_timesteps = 20]"),
-        (["--mode=serve"], "--mode=serve: value should be one of <train|sample|eval>"),
+        (["--mode=serve"], "--mode=serve: value should be one of <train|sample|eval|fid_stats|fid>"),
         (["--coordinator_address=localhost:1234"], "needs --num_processes and --process_id"),
         ([CIFAR_TINY.replace(":tiny", ":huge")], "Unknown config variant 'huge'"),
         ([CIFAR_TINY, "--config.data.data_dir={tmp}/tfds"], "'cifar10' is not prepared"),

@@ -111,7 +111,7 @@ def test_unwritable_workdir(tmp_path):
     [
         ("diffusion", "var_type", "learned", r"'mse' cannot train var_type 'learned'"),
         ("diffusion", "schedule", "quadratic", r"diffusion.schedule 'quadratic'.*'linear'"),
-        ("model", "name", "resnet", r"model.name 'resnet'.*\['unet', 'mlp'\]"),
+        ("model", "name", "resnet", r"model.name 'resnet'.*\['unet', 'mlp', 'dit'\]"),
         ("model", "dropout_rng", "philox", r"model.dropout_rng 'philox'.*\['hash', 'jax'\]"),
         (None, "objective", "gan", r"objective 'gan'.*\['ddpm'"),
         ("train", "nan_policy", "ignore", r"train.nan_policy 'ignore'.*\['stop', 'skip'\]"),

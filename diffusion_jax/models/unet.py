@@ -404,6 +404,8 @@ class UNet(nn.Module):
         ``2 * C`` for a model that also outputs variances (improved DDPM).
       num_classes: if set, a learned class embedding is added to the time embedding and
         ``y`` is required.
+      null_class: embed one more class, id ``num_classes``: the unconditional model of
+        classifier-free guidance (`diffusion_jax.guidance`).
       resamp_with_conv: use convs in the down/upsampling layers (DDPM: True).
       dtype: compute dtype of convs and dense layers (e.g. ``jnp.bfloat16``).
       param_dtype: dtype of the parameters.
@@ -422,6 +424,7 @@ class UNet(nn.Module):
     dropout: float = 0.1
     out_channels: int | None = None
     num_classes: int | None = None
+    null_class: bool = False
     resamp_with_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -438,8 +441,9 @@ class UNet(nn.Module):
           x: noisy images ``x_t``, shape (B, H, W, C), float; H and W divisible by
             ``2 ** (len(ch_mult) - 1)``.
           t: timesteps, int32 of shape (B,).
-          y: class labels, int32 of shape (B,) in ``[0, num_classes)``, only when
-            ``num_classes`` is set (the range is the caller's duty inside ``jit``).
+          y: class labels, int32 of shape (B,) in ``[0, num_classes)`` (``num_classes``:
+            the null class, with ``null_class``), only when ``num_classes`` is set (the
+            range is the caller's duty inside ``jit``).
           train: enables dropout, which then draws from the ``'dropout'`` rng.
 
         Returns:
@@ -461,7 +465,8 @@ class UNet(nn.Module):
             nn.swish(temb)
         )
         if self.num_classes is not None:
-            temb = temb + nn.Embed(self.num_classes, 4 * self.ch, name="class_embed", **kwargs)(y)
+            num_embedded = self.num_classes + int(self.null_class)
+            temb = temb + nn.Embed(num_embedded, 4 * self.ch, name="class_embed", **kwargs)(y)
 
         def resnet_block(h, out_ch, name):
             return ResnetBlock(out_ch, self.dropout, dropout_rng=self.dropout_rng, name=name,
@@ -528,6 +533,8 @@ class UNet(nn.Module):
             )
         if jnp.shape(t) != (batch,):
             raise ValueError(f"UNet: t must have shape (B,) = ({batch},), got shape {jnp.shape(t)}")
+        if self.null_class and self.num_classes is None:
+            raise ValueError("UNet: null_class=True needs num_classes (the real classes)")
         if self.num_classes is None and y is not None:
             raise ValueError("UNet: y (class labels) given but the model has num_classes=None")
         if self.num_classes is not None:

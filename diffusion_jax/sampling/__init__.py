@@ -12,6 +12,8 @@ sample ``shape`` and a ``key`` (keyword). One-step functions take the model OUTP
 - `respace`: `space_timesteps`, `respace_schedule`, `respaced_model_fn`, `respace`
   (improved DDPM, Sec. 4): sample with a subset of the steps.
 - `dpm_solver`: `dpm_solver_pp_sample_loop` (DPM-Solver++(2M), Lu et al. 2022).
+- `pc`: `pc_sample` (predictor-corrector, Song et al. 2021), `ode_sample` (the
+  probability-flow ODE), `predictor_step`, `corrector_step`, for score SDEs.
 - `sample`: one entry point choosing the sampler and the number of steps by name.
 """
 
@@ -33,6 +35,14 @@ from diffusion_jax.sampling.dpm_solver import (
     dpm_solver_pp_step,
     dpm_solver_timesteps,
 )
+from diffusion_jax.sampling.pc import (
+    CORRECTORS,
+    PREDICTORS,
+    corrector_step,
+    ode_sample,
+    pc_sample,
+    predictor_step,
+)
 from diffusion_jax.sampling.respace import (
     respace,
     respace_schedule,
@@ -42,7 +52,13 @@ from diffusion_jax.sampling.respace import (
 from diffusion_jax.schedules import Schedule
 
 __all__ = [
+    "CORRECTORS",
+    "PREDICTORS",
     "SAMPLERS",
+    "corrector_step",
+    "ode_sample",
+    "pc_sample",
+    "predictor_step",
     "SPACINGS",
     "ddim_reverse_sample",
     "ddim_reverse_sample_loop",

@@ -13,7 +13,9 @@ fails):
   'dilated' or 'onednn', the latter from the install extra ``.[onednn]``, checked at
   config time, `diffusion_jax.models.conv`), dropout_rng ('hash' | 'jax': how dropout
   masks are drawn, `diffusion_jax.models.dropout`); MLP fields features, activation,
-  per_step_readout.
+  per_step_readout; DiT fields under ``model.dit`` (patch_size, hidden_size, depth,
+  num_heads, mlp_ratio, remat (recompute block activations in the
+  backward pass); `diffusion_jax.models.dit`, model.name 'dit').
 - ``diffusion``: schedule ('linear' | 'cosine' | 'sohl_dickstein'), num_timesteps,
   mean_type, var_type, loss_type, decoder_type.
 - ``optim``: lr, warmup_steps, lr_schedule ('constant' | 'cosine': decay to
@@ -22,16 +24,27 @@ fails):
 - ``train``: batch_size (global, over all devices and processes), num_steps, log_every,
   checkpoint_every, keep_checkpoints, sample_every (0: no sample grids),
   nan_policy ('stop' | 'skip'), restart_if_unreadable (start from step 0 when every
-  checkpoint is damaged; they are moved to checkpoints_damaged/, never deleted).
+  checkpoint is damaged; they are moved to checkpoints_damaged/, never deleted), p_uncond
+  (label dropout of classifier-free guidance; `objectives.conditioning`).
+- ``mesh``: data, fsdp: the device mesh's axis sizes (data = -1: the devices not in
+  fsdp; fsdp = 1: data parallel), min_shard_size (arrays with fewer elements stay
+  replicated); see `diffusion_jax.training.mesh` and `.sharding`.
 - ``sample``: sampler ('ancestral' | 'ddim' | 'dpm_solver++'), num_steps, spacing (the
   DPM-Solver++ grid: 'logsnr' | 'time_uniform' | 'time_quadratic'), num_samples,
-  clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call).
+  clip_denoised, grid_upscale, batch_size (``--mode=sample``: samples per compiled call),
+  guidance (w of classifier-free guidance) and guidance_convention ('ho_salimans' | 'lerp').
 - ``dpm2015``: the 2015 paper's objectives (schedule, beta_1, baseline, mean_gain,
   prior_prob, kl_estimator, t_per_example, rbf_hidden, readout_basis); see
   `objectives_2015`.
 - ``eval`` (``--mode=eval``): split, num_examples (rounded down to whole global batches),
   batch_size (global), iw_samples (K of the importance-weighted estimate; 0 = off),
   clip_denoised.
+- ``fid`` (``--mode=fid_stats`` / ``--mode=fid``, `sample_quality`): network
+  ('inception' | 'digits'), weights (Inception .npz; default ``$DIFFUSION_JAX_INCEPTION``
+  or ``~/.cache/diffusion_jax/pt_inception-2015-12-05.npz``), stats (the reference .npz;
+  default ``workdir/fid_stats_{network}_{data}_{split}.npz``), split and num_examples (of
+  the reference), num_samples (N), batch_size (feature batches), max_features (vectors
+  kept for KID and precision/recall), kid_subsets, kid_subset_size.
 """
 
 from __future__ import annotations
@@ -70,6 +83,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.features = (128, 128, 128)
     c.model.activation = "swish"
     c.model.per_step_readout = False
+    c.model.dit = ml_collections.ConfigDict(dict(  # model.name 'dit': DiT-S/2 by default
+        patch_size=2, hidden_size=384, depth=12, num_heads=6, mlp_ratio=4.0,
+        remat=False))
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -102,6 +118,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.sample_every = 50_000
     c.train.nan_policy = "stop"
     c.train.restart_if_unreadable = False
+    c.train.p_uncond = 0.0  # label dropout to the null class (classifier-free guidance)
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "ancestral"
@@ -111,6 +130,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample.clip_denoised = True
     c.sample.grid_upscale = 1
     c.sample.batch_size = 256
+    c.sample.guidance = 0.0  # classifier-free guidance w (0: the conditional model)
+    c.sample.guidance_convention = "ho_salimans"  # or 'lerp': guidance is s = 1 + w
 
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"
@@ -118,6 +139,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256
     c.eval.iw_samples = 0
     c.eval.clip_denoised = True
+
+    c.fid = ml_collections.ConfigDict()
+    c.fid.network = "inception"
+    c.fid.weights = config_dict.placeholder(str)
+    c.fid.stats = config_dict.placeholder(str)
+    c.fid.split = "train"
+    c.fid.num_examples = 50_000
+    c.fid.num_samples = 50_000
+    c.fid.batch_size = 200
+    c.fid.max_features = 10_000
+    c.fid.kid_subsets = 100
+    c.fid.kid_subset_size = 1000
 
     # The 2015 paper's objectives (objective 'dpm2015_gaussian' | 'dpm2015_binomial'; see
     # training/objectives_2015.py). T is diffusion.num_timesteps.
@@ -156,4 +189,7 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval.num_examples = 16
     c.eval.batch_size = 8
     c.data.mock_num_examples = 64
+    c.fid.num_examples = 64
+    c.fid.num_samples = 16
+    c.fid.batch_size = 8
     return c

@@ -112,6 +112,8 @@ def sample_from_checkpoint(config: ml_collections.ConfigDict, workdir) -> epath.
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = config.sample.num_steps if config.sample.sampler != "ancestral" else "all"
     stem = f"{config.sample.sampler}_{steps}_step{int(state.step)}"
+    if config.sample.get("guidance", 0.0):  # classifier-free guidance: its w in the name
+        stem += f"_guidance{config.sample.guidance:g}"
     npz_path = _unused_path(out_dir / f"{stem}.npz")
     payload = {"samples": samples.astype(np.float32)}
     if info.kind == "image":

@@ -1,8 +1,10 @@
-"""Devices, the data-parallel mesh, shardings and multi-host setup.
+"""Devices, the (data, fsdp) mesh, shardings and multi-host setup.
 
-One mesh axis, ``data``, spans every device of every process. Parameters and optimizer
-state are replicated; each batch is split along its leading axis. Each process loads its
-own slice of the global batch and `global_batch` assembles the global array.
+A 2-D mesh of every device of every process, axes ``data`` and ``fsdp``: parameters and
+optimizer state are split along ``fsdp`` by the rule of `diffusion_jax.training.sharding`
+and replicated along ``data``; each batch is split along its leading axis over both axes
+(``fsdp = 1``: pure data parallelism, every device holds the whole state). Each process
+loads its own slice of the global batch and `global_batch` assembles the global array.
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
+    "BATCH_AXES",
     "DATA_AXIS",
+    "FSDP_AXIS",
     "check_batch_size",
     "global_batch",
     "initialize_distributed",
     "make_mesh",
+    "mesh_from_config",
 ]
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
 def initialize_distributed(
@@ -64,9 +71,36 @@ def initialize_distributed(
     )
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh over every device of every process, axis ``data``."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(*, data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+    """The (``data``, ``fsdp``) mesh over ``devices`` (default: every device of every
+    process, in `jax.devices` order, so consecutive devices, those of one process first,
+    share an ``fsdp`` group). ``data = -1``: all devices not in ``fsdp``.
+
+    Raises:
+      ValueError: sizes that are not positive or whose product is not the device count.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    count = len(devices)
+    if isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp <= 0:
+        raise ValueError(f"mesh.fsdp must be a positive int; got {fsdp!r}.")
+    if isinstance(data, bool) or not isinstance(data, int) or (data <= 0 and data != -1):
+        raise ValueError(f"mesh.data must be a positive int or -1 (the rest); got {data!r}.")
+    if data == -1:
+        if count % fsdp:
+            raise ValueError(f"mesh.fsdp = {fsdp} does not divide the device count {count}; "
+                             f"valid sizes: {[k for k in range(1, count + 1) if count % k == 0]}.")
+        data = count // fsdp
+    if data * fsdp != count:
+        raise ValueError(f"mesh.data x mesh.fsdp = {data} x {fsdp} = {data * fsdp} is not the "
+                         f"device count {count}; set mesh.data = -1 to use every device.")
+    return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
+
+
+def mesh_from_config(config) -> Mesh:
+    """`make_mesh` with ``config.mesh.data`` and ``config.mesh.fsdp`` (defaults -1 and 1
+    for configs without a ``mesh`` section)."""
+    section = config.get("mesh") or {}
+    return make_mesh(data=section.get("data", -1), fsdp=section.get("fsdp", 1))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -74,16 +108,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Leading (batch) axis split over every batch axis of ``mesh`` (``data``, ``fsdp``)."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(axes))
 
 
-def check_batch_size(global_batch_size: int, *, device_count: int, process_count: int) -> int:
-    """Checks the global batch against the devices; returns the per-process batch."""
+def check_batch_size(global_batch_size: int, *, device_count: int, process_count: int,
+                     mesh: Mesh | None = None) -> int:
+    """Checks the global batch against the devices (the batch is split over every axis of
+    ``mesh``); returns the per-process batch."""
     if global_batch_size <= 0 or global_batch_size % device_count:
         lower = device_count * max(1, global_batch_size // device_count)
+        axes = "" if mesh is None else (
+            f"mesh data x fsdp = {mesh.shape[DATA_AXIS]} x {mesh.shape[FSDP_AXIS]}, ")
         raise ValueError(
             f"train.batch_size (the global batch) = {global_batch_size} must be a positive "
-            f"multiple of the device count {device_count} ({process_count} process(es)); e.g. "
+            f"multiple of the device count {device_count} ({axes}{process_count} process(es)); e.g. "
             f"{lower} or {lower + device_count}."
         )
     return global_batch_size // process_count

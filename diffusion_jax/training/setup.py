@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 import ml_collections
 
 from diffusion_jax import gaussian, losses, schedules
-from diffusion_jax.models import MLP, UNet, conv, dropout
+from diffusion_jax.models import conv, dropout, factory
+from diffusion_jax.models.factory import DTYPES, MODEL_NAMES
 from diffusion_jax.sampling import SAMPLERS, SPACINGS
+from diffusion_jax.training.objectives import OBJECTIVES, conditioning
 from diffusion_jax.training.step import NAN_POLICIES
 
 __all__ = ["MODEL_NAMES", "create_model", "validate_config"]
-
-MODEL_NAMES = ("unet", "mlp")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _require_positive_int(name: str, value) -> None:
@@ -28,8 +26,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     Raises:
       ValueError: naming the field(s), the value found and what is valid.
     """
-    from diffusion_jax.training.objectives import OBJECTIVES
-
     gaussian.check_choice("objective", config.objective, tuple(OBJECTIVES))
     gaussian.check_choice("train.nan_policy", config.train.nan_policy, NAN_POLICIES)
     for name in ("train.batch_size", "train.num_steps", "train.log_every",
@@ -39,6 +35,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not 0.0 <= config.optim.ema_decay < 1.0:
         raise ValueError(f"optim.ema_decay must lie in [0, 1); got {config.optim.ema_decay}.")
     _validate_lr_schedule(config.optim)
+    conditioning.check_conditioning(config)
     if config.objective == "ddpm":
         _validate_ddpm(config)
 
@@ -89,33 +86,6 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
 
 
 def create_model(config: ml_collections.ConfigDict, info) -> nn.Module:
-    """The network of ``config.model`` for data described by ``info`` (`data.DataInfo`)."""
-    m = config.model
-    channels = info.shape[-1]
-    out = gaussian.model_output_channels(channels, config.diffusion.var_type)
-    if m.name == "unet":
-        if info.kind != "image":
-            raise ValueError(
-                f"model.name 'unet' needs image data; data.name {info.name!r} is {info.kind} "
-                f"data of shape {info.shape}. Use model.name 'mlp'."
-            )
-        num_classes = m.get("num_classes")
-        if num_classes is not None and info.num_classes is None:
-            raise ValueError(
-                f"model.num_classes = {num_classes} but data set {info.name!r} has no labels."
-            )
-        return UNet(
-            ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
-            attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, out_channels=out,
-            num_classes=num_classes, dtype=DTYPES[m.dtype],
-            dropout_rng=m.dropout_rng, cpu_kernels=m.cpu_kernels,
-        )
-    if info.kind != "vector":
-        raise ValueError(
-            f"model.name 'mlp' needs vector data of shape (D,); data.name {info.name!r} has "
-            f"shape {info.shape}. Use model.name 'unet'."
-        )
-    return MLP(
-        num_timesteps=config.diffusion.num_timesteps, features=tuple(m.features), out_dim=out,
-        activation=m.activation, per_step_readout=m.per_step_readout,
-    )
+    """The network of ``config.model`` for the DDPM-style objectives (`models.factory`)."""
+    out = gaussian.model_output_channels(info.shape[-1], config.diffusion.var_type)
+    return factory.create_model(config, info, out)

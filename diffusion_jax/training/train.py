@@ -2,7 +2,8 @@
 
 `train_and_evaluate(config, workdir)` is what ``launch.py --mode=train`` calls. It runs
 unchanged on one CPU, a multi-GPU host or a multi-host TPU pod: the batch is split over a
-mesh of every device, parameters are replicated, and a workdir holding a checkpoint is
+mesh of every device, parameters and optimizer state are replicated or (``mesh.fsdp``
+> 1) split along the mesh's fsdp axis, and a workdir holding a checkpoint is
 resumed from it, at the same step and with the same data order.
 """
 
@@ -20,7 +21,9 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import data
 from diffusion_jax.training import checkpoint, mesh as mesh_lib, objectives, step as step_lib, writer
+from diffusion_jax.training import sharding as sharding_lib
 from diffusion_jax.training.setup import validate_config
+from diffusion_jax.training import sample_quality
 from diffusion_jax.training.state import TrainState, make_optimizer
 
 __all__ = ["NonFiniteLossError", "prepare_workdir", "train_and_evaluate"]
@@ -181,10 +184,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
     validate_config(config)
     workdir = prepare_workdir(workdir)
     process_index, process_count = jax.process_index(), jax.process_count()
-    mesh = mesh_lib.make_mesh()
+    mesh = mesh_lib.mesh_from_config(config)
     replicated, data_sharding = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
     per_process_batch = mesh_lib.check_batch_size(
-        config.train.batch_size, device_count=jax.device_count(), process_count=process_count
+        config.train.batch_size, device_count=jax.device_count(), process_count=process_count,
+        mesh=mesh,
     )
     info = data.dataset_info(config.data)
     objective = objectives.create_objective(config, info)
@@ -192,9 +196,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
     root_key = jax.random.key(config.seed)
     init_key, train_key, sample_key = jax.random.split(root_key, 3)
 
-    state = jax.jit(
-        lambda key: TrainState.create(objective.init(key), optimizer), out_shardings=replicated
-    )(init_key)
+    create_state = lambda key: TrainState.create(objective.init(key), optimizer)  # noqa: E731
+    # Parameters, EMA and optimizer state split along the mesh's fsdp axis (sharding.py).
+    state_sharding = sharding_lib.state_shardings(
+        jax.eval_shape(create_state, init_key), mesh, min_size=config.mesh.min_shard_size)
+    state = jax.jit(create_state, out_shardings=state_sharding)(init_key)
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.train.keep_checkpoints
     )
@@ -216,8 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> TrainState
             ema_decay=config.optim.ema_decay, ema_warmup=config.optim.ema_warmup,
             nan_policy=config.train.nan_policy,
         ),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=(replicated, replicated),
+        in_shardings=(state_sharding, data_sharding),
+        out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
     metric_writer = writer.MetricWriter(workdir, enabled=process_index == 0)
@@ -295,3 +301,5 @@ def _write_samples(objective, state, config, key, step, metric_writer, sharding)
     path = metric_writer.write_image(step, "ema_samples", grid)
     if path is not None:
         logging.info("Wrote %s.", path)
+    if config.data.name == "digits":
+        sample_quality.log_digits_fid(images, step, metric_writer)

@@ -49,7 +49,8 @@ import numpy as np  # noqa: E402
 
 from diffusion_jax import binomial, data, dpm2015, gaussian, losses  # noqa: E402
 from diffusion_jax.data import toy  # noqa: E402
-from diffusion_jax.training import objectives_2015, train  # noqa: E402
+from diffusion_jax.training import train  # noqa: E402
+from diffusion_jax.training.objectives import dpm2015 as objectives_2015  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""Objectives for the 2015 paper's models: ``dpm2015_gaussian`` and ``dpm2015_binomial``.
+"""The 2015 paper's objectives: ``dpm2015_gaussian`` and ``dpm2015_binomial``.
 
 Both maximise the bound K of Sohl-Dickstein et al. (2015), Eq. 14: the loss is -K in bits
 per example (batch mean). The params pytree holds everything that is learned, so the
@@ -45,7 +45,7 @@ from diffusion_jax import binomial, dpm2015, schedules
 from diffusion_jax.gaussian import check_choice
 from diffusion_jax.models import MLP
 from diffusion_jax.models.rbf import NormalizedRBF
-from diffusion_jax.training import objectives
+from diffusion_jax.training.objectives import base as objectives
 
 __all__ = [
     "GAUSSIAN_SCHEDULES",

@@ -1,0 +1,64 @@
+r"""Flow matching (conditional OT path) on scikit-learn's embedded digits; with ``:guided``
+a class-conditional model with label dropout, sampled with classifier-free guidance.
+
+Run:
+  python launch.py --config=configs/flow_digits.py --workdir=runs/flow_digits
+  python launch.py --config=configs/flow_digits.py:guided --workdir=runs/flow_digits_guided
+  python launch.py --config=configs/flow_digits.py:guided --workdir=runs/flow_digits_guided \
+      --mode=sample --config.sample.guidance=3      # w of Ho & Salimans (0: conditional)
+  python launch.py --config=configs/flow_digits.py --workdir=runs/flow_digits --mode=eval
+
+Model: the small U-Net of configs/digits.py regressing the velocity x_1 - x_0 (Lipman et
+al. 2023, Eq. 23; noise at t = 0, data at t = 1), the network's time input 999 t; Adam 1e-3,
+EMA 0.999, batch 64, 2,500 steps. Sampling: Heun, 25 steps (50 evaluations); ``--config.
+sample.sampler=tsit5`` for the adaptive solve. ``--mode=eval``: the velocity loss and the
+flow's bits/dim (Hutchinson divergence, uniform dequantization). ``:guided``: model.
+num_classes 10, train.p_uncond 0.2 (Ho & Salimans 2022), sample.guidance 1.0. ``:tiny``,
+``:guided_tiny``: smoke runs (seconds).
+
+Expected: about the training time of configs/digits.py (not measured for this config);
+for guidance's effect on digits see experiments/guidance_digits.py and the README.
+"""
+
+from diffusion_jax.training.config import default_config, shrink
+from diffusion_jax.training.objectives.flow import add_flow_fields
+
+VARIANTS = ("tiny", "guided", "guided_tiny")
+
+
+def digits_fields(config):
+    """The data, U-Net and training settings of configs/digits.py."""
+    config.data.name = "digits"
+    config.model.ch, config.model.ch_mult = 32, (1, 2)
+    config.model.num_res_blocks, config.model.attn_resolutions = 1, (4,)
+    config.model.dropout = 0.0
+    config.optim.lr, config.optim.warmup_steps = 1e-3, 200
+    config.optim.ema_decay, config.optim.ema_warmup = 0.999, True
+    config.train.batch_size, config.train.num_steps = 64, 2500
+    config.train.log_every, config.train.checkpoint_every = 100, 1000
+    config.train.sample_every = 2500
+    config.sample.num_samples, config.sample.grid_upscale = 100, 4
+    config.eval.num_examples, config.eval.batch_size = 256, 64
+    return config
+
+
+def tiny(config):
+    shrink(config)
+    config.sample.num_steps = 4
+    config.sample.num_samples, config.eval.num_examples, config.eval.batch_size = 8, 16, 8
+    return config
+
+
+def get_config(variant: str | None = None):
+    config = digits_fields(add_flow_fields(default_config()))
+    if variant and variant not in VARIANTS:
+        raise ValueError(f"Unknown config variant {variant!r}; valid: {list(VARIANTS)} (or none).")
+    if variant in ("guided", "guided_tiny"):
+        config.model.num_classes = 10
+        config.train.p_uncond = 0.2
+        config.sample.guidance = 1.0
+    if variant in ("tiny", "guided_tiny"):
+        tiny(config)
+        config.sample.num_steps = 2
+        config.eval.flow_rtol = config.eval.flow_atol = 1e-3
+    return config
