@@ -18,8 +18,9 @@ machine moves it) and, per case:
   `unet.Upsample` does the same arithmetic per output phase with 16/36 of the work); the
   convention of published figures;
 - ``model_flops_per_s``, ``ddpm_flops_per_s`` and ``fraction_of_peak``,
-  ``ddpm_fraction_of_peak``: per second, and over the matmul peak of the same precision
-  measured next to the case;
+  ``ddpm_fraction_of_peak``: per second, and over ``peak_flops_per_s``, the best matmul
+  FLOP/s of the run in the case's precision on the case's devices (``peak_how`` in the
+  JSON: several sizes and repetitions, all devices at once for data-parallel cases);
 - ``memory``: the compiled program's argument/output/temporary bytes (XLA's memory
   analysis), the device's peak bytes in use where the backend reports it (GPU, TPU), and
   the process's peak resident set size (host RAM);
@@ -86,13 +87,11 @@ movement, the rest), each kind's share and, for convolutions and matmuls, GFLOP/
 markdown gets a second table. ``op_time_by_kind(trace, program)`` sums a saved trace again.
 
 Batches are global, split over the devices of the mesh (multiples of the device count).
-``--conv-weight-grad`` sets the U-Net's ``conv_weight_grad`` ('auto': the dilated form
-for float32 on a CPU; 'xla' times XLA's own weight gradients). ``--conv-impl`` chooses
-who computes the float32 convolutions: 'auto' (the default, as in training: oneDNN's on
-a CPU where they can be built, `diffusion_jax.models.conv.resolve_impl`), 'onednn'
-(`diffusion_jax.models.onednn`; on one device its calls use every core, on several each
-device convolves its shard of the batch on its share of the cores) or 'xla'; the rows
-that used oneDNN say "oneDNN convs". Set ``XLA_FLAGS`` in the
+``--cpu-kernels`` sets the U-Net's ``model.cpu_kernels`` for the float32 cases: 'none'
+(the default path, XLA's convolutions), or the opt-ins 'dilated' and 'onednn'
+(`diffusion_jax.models.conv`; oneDNN on one device uses every core, on several each
+device convolves its shard of the batch on its share of the cores); the rows that used
+an opt-in say which. Set ``XLA_FLAGS`` in the
 environment to try XLA options; the JSON records them.
 """
 
@@ -261,19 +260,32 @@ def model_flops(jaxpr) -> float:
     return total
 
 
-def measure_peak(dtype: str, n: int, reps: int) -> dict[str, Any]:
-    """FLOP/s of an n x n x n matmul in ``dtype`` (float32 accumulation as XLA chooses)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    matmul = jax.jit(jnp.matmul)
-    times, _ = time_calls(lambda: matmul(a, b), steps=reps, warmup=1)
-    flops = 2.0 * n**3
-    return {
-        "n": n,
-        "flops_per_s": flops / statistics.median(times),
-        "best_flops_per_s": flops / min(times),
-        "times_s": [round(t, 5) for t in times],
-    }
+PEAK_HOW = (
+    "the best FLOP/s of every matmul peak measured in the run for the case's dtype and "
+    "device count: n x n x n products at n = --peak-size and --peak-size / 2, each the "
+    "fastest of its timed calls, measured at the start and next to each train case; on a "
+    "mesh of several devices every device multiplies its own pair at once (one sharded "
+    "batched matmul) and the FLOPs of all devices count")
+
+
+def measure_peak(dtype: str, n: int, reps: int, num_devices: int = 1) -> dict[str, Any]:
+    """The best FLOP/s of an n x n x n matmul in ``dtype`` (float32 accumulation as XLA
+    chooses) over the sizes n / 2 and n and ``reps`` timed calls each, on the first
+    ``num_devices`` devices at once (a batched matmul split over them: each device
+    multiplies its own pair). The best, not the median, so that it bounds what a
+    network's convolutions and matmuls reach on the same devices (`PEAK_HOW`)."""
+    mesh = sub_mesh(num_devices)
+    sharding = mesh_lib.data_sharded(mesh)
+    by_size = {}
+    for size in sorted({max(n // 2, 16), n}):
+        shape = (mesh.size, size, size)
+        a = jax.device_put(jax.random.normal(jax.random.key(0), shape).astype(dtype), sharding)
+        b = jax.device_put(jax.random.normal(jax.random.key(1), shape).astype(dtype), sharding)
+        matmul = jax.jit(jnp.matmul, out_shardings=sharding)
+        times, _ = time_calls(lambda: matmul(a, b), steps=reps, warmup=1)
+        by_size[str(size)] = mesh.size * 2.0 * size**3 / min(times)
+    return {"n": n, "devices": mesh.size, "flops_per_s": max(by_size.values()),
+            "best_flops_per_s_by_n": by_size}
 
 
 # --- where the time goes: one traced step, its ops grouped by kind -------------------------
@@ -532,17 +544,11 @@ def environment() -> dict[str, Any]:
 
 
 def make_config(model: str, dtype: str = "float32", *, num_timesteps: int = 1000,
-                conv_weight_grad: str = "auto", conv_impl: str = "auto"):
-    """The DDPM CIFAR-10 config with the named U-Net size, compute dtype, form of the
-    convolutions' weight gradients and convolution library (``conv_impl`` resolved by
-    `conv.resolve_impl`, used for float32; oneDNN has no bfloat16 path here, so other
-    dtypes keep XLA's)."""
+                cpu_kernels: str = "none"):
+    """The DDPM CIFAR-10 config with the named U-Net size, compute dtype and opt-in CPU
+    kernels (`diffusion_jax.models.conv`; float32 only, so other dtypes keep 'none')."""
     config = ddpm_cifar.get_config()
-    config.model.conv_weight_grad = conv_weight_grad
-    if dtype == "float32":
-        config.model.conv_impl = conv_lib.resolve_impl(conv_impl, DTYPES[dtype])[0]
-    else:
-        config.model.conv_impl = "xla"
+    config.model.cpu_kernels = cpu_kernels if dtype == "float32" else "none"
     ch, ch_mult, blocks, attn = MODELS[model]
     config.model.ch, config.model.ch_mult = ch, ch_mult
     config.model.num_res_blocks, config.model.attn_resolutions = blocks, attn
@@ -593,8 +599,7 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
                 peaks: dict) -> dict[str, Any]:
     """The train step on a mesh of ``num_devices`` devices, as `train.train_and_evaluate`
     jits it: donated state, replicated parameters, the batch split over ``data``."""
-    config = make_config(model, dtype, conv_weight_grad=args.conv_weight_grad,
-                         conv_impl=args.conv_impl)
+    config = make_config(model, dtype, cpu_kernels=args.cpu_kernels)
     objective = objectives.create_objective(config, CIFAR_INFO)
     optimizer = make_optimizer(config.optim)
     mesh = sub_mesh(num_devices)
@@ -620,7 +625,8 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
         donate_argnums=(0,),
     )
     compiled, flops, compile_s = compile_timed(train_step, state, batch_arrays)
-    peak = measure_peak(dtype, args.peak_size, reps=3)  # next to the case: load moves it
+    # Next to the case too: other work on a shared machine moves it.
+    peak = measure_peak(dtype, args.peak_size, reps=3, num_devices=mesh.size)
     old_leaf = jax.tree.leaves(state.params)[0]
     holder = {"state": state}
 
@@ -634,9 +640,7 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
     case = {
         "case": "train_step", "model": model, "dtype": dtype, "batch": batch,
         "devices": mesh.size,
-        "conv_impl": config.model.conv_impl,
-        "conv_weight_grad": conv_lib.resolve_weight_grad(args.conv_weight_grad,
-                                                        DTYPES[dtype]),
+        "cpu_kernels": config.model.cpu_kernels,
         "params": int(sum(x.size for x in jax.tree.leaves(holder["state"].params))),
         "compile_s": compile_s, "step_s": statistics.median(times),
         "step_s_all": [round(t, 4) for t in times],
@@ -656,9 +660,9 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
                                            os.path.join(args.profile_dir, label))
         except RuntimeError as error:  # a backend whose trace lacks op names: keep the run
             case["profile"] = {"error": str(error)}
-    peaks.setdefault(dtype, []).append(peak["flops_per_s"])
+    peaks.setdefault(_peak_key(dtype, mesh.size), []).append(peak["flops_per_s"])
     _rates(case, images=batch, flops=flops, extra=ddpm_extra_flops(model, batch, 3),
-           peak=peak["flops_per_s"])
+           peak=_peak(peaks, dtype, mesh.size))
     return case
 
 
@@ -674,7 +678,7 @@ def conv_shapes(model: str) -> list[tuple[int, int, int]]:
 def conv3x3(x, w):
     """The bare convolution of the conv case: 3x3, stride 1, SAME padding, NHWC / HWIO,
     differentiated as XLA does it."""
-    return conv_lib.conv2d(x, w, weight_grad="xla")
+    return conv_lib.conv2d(x, w)
 
 
 def conv_kernels() -> dict[str, Callable]:
@@ -726,7 +730,7 @@ def bench_conv(args, peaks: dict) -> list[dict[str, Any]]:
 
 def _eval_model(args, num_timesteps: int):
     config = make_config(args.eval_model, args.eval_dtype, num_timesteps=num_timesteps,
-                         conv_weight_grad=args.conv_weight_grad, conv_impl=args.conv_impl)
+                         cpu_kernels=args.cpu_kernels)
     model = create_model(config, CIFAR_INFO)
     params = jax.jit(objectives.ddpm_objective(config, CIFAR_INFO).init)(jax.random.key(0))
     return config, model, params
@@ -764,14 +768,14 @@ def bench_sampling(args, peaks: dict) -> list[dict[str, Any]]:
         case = {
             "case": "sample", "sampler": sampler, "model": args.eval_model,
             "dtype": args.eval_dtype, "batch": args.sample_batch, "devices": mesh.size,
-            "conv_impl": config.model.conv_impl, "network_evals": args.sample_steps,
+            "cpu_kernels": config.model.cpu_kernels, "network_evals": args.sample_steps,
             "compile_s": compile_s,
             "step_s": statistics.median(times), "step_s_all": [round(t, 4) for t in times],
             "memory": memory_report(compiled), "load_average": load_average(),
         }
         extra = ddpm_extra_flops(args.eval_model, args.sample_batch, args.sample_steps)
         _rates(case, images=args.sample_batch, flops=flops, extra=extra,
-               peak=_peak(peaks, args.eval_dtype))
+               peak=_peak(peaks, args.eval_dtype, mesh.size))
         case["image_evals_per_s"] = case["images_per_s"] * args.sample_steps
         cases.append(case)
     return cases
@@ -804,7 +808,7 @@ def bench_bpd(args, peaks: dict) -> dict[str, Any]:
     case = {
         "case": "bpd", "model": args.eval_model, "dtype": args.eval_dtype,
         "batch": args.bpd_batch, "devices": mesh.size, "num_timesteps": args.bpd_timesteps,
-        "conv_impl": config.model.conv_impl,
+        "cpu_kernels": config.model.cpu_kernels,
         "compile_s": compile_s, "step_s": statistics.median(times),
         "step_s_all": [round(t, 4) for t in times],
         "mean_total_bpd_of_untrained_model": float(np.mean(total_bpd)),
@@ -812,7 +816,7 @@ def bench_bpd(args, peaks: dict) -> dict[str, Any]:
     }
     extra = ddpm_extra_flops(args.eval_model, args.bpd_batch, args.bpd_timesteps)
     _rates(case, images=args.bpd_batch, flops=flops, extra=extra,
-           peak=_peak(peaks, args.eval_dtype))
+           peak=_peak(peaks, args.eval_dtype, mesh.size))
     return case
 
 
@@ -847,8 +851,7 @@ def bench_loop(args) -> dict[str, Any]:
     """``train.train_and_evaluate`` on mocked CIFAR-10: its own logged figures."""
     from diffusion_jax.training import train
 
-    config = make_config(args.loop_model, conv_weight_grad=args.conv_weight_grad,
-                         conv_impl=args.conv_impl)
+    config = make_config(args.loop_model, cpu_kernels=args.cpu_kernels)
     config.data.mock, config.data.mock_num_examples = True, 1024
     config.data.prefetch = args.prefetch
     config.optim.warmup_steps = 10
@@ -865,7 +868,7 @@ def bench_loop(args) -> dict[str, Any]:
     last = json.loads(lines[-1])  # the second half: compiled, steady state
     return {
         "case": "train_loop", "model": args.loop_model, "batch": args.loop_batch,
-        "devices": jax.device_count(), "conv_impl": config.model.conv_impl,
+        "devices": jax.device_count(), "cpu_kernels": config.model.cpu_kernels,
         "steps": args.loop_steps, "wall_s_with_compile": wall,
         "steps_per_sec": last.get("steps_per_sec"), "images_per_s": last.get("images_per_sec"),
         "data_wait_fraction": last.get("data_wait_fraction"),
@@ -873,9 +876,35 @@ def bench_loop(args) -> dict[str, Any]:
     }
 
 
-def _peak(peaks: dict, dtype: str) -> float | None:
-    values = peaks.get(dtype)
-    return statistics.median(values) if values else None
+def _peak_key(dtype: str, num_devices: int) -> str:
+    return f"{dtype}@{num_devices}"
+
+
+def _peak(peaks: dict, dtype: str, num_devices: int = 1) -> float | None:
+    """The best matmul FLOP/s measured so far for ``dtype`` on ``num_devices`` (`PEAK_HOW`)."""
+    values = peaks.get(_peak_key(dtype, num_devices))
+    return max(values) if values else None
+
+
+def finalize_fractions(cases: list[dict[str, Any]], peaks: dict) -> None:
+    """Every case's fractions over the best peak of the whole run for its dtype and
+    device count (a peak measured after a case may be higher than those before it)."""
+    for case in cases:
+        if "model_flops_per_s" not in case or case.get("case") == "conv":
+            continue
+        dtype = case.get("dtype", "float32")
+        peak = _peak(peaks, dtype, case.get("devices", 1))
+        if not peak:
+            continue
+        case["peak_flops_per_s"] = peak
+        case["fraction_of_peak"] = case["model_flops_per_s"] / peak
+        case["ddpm_fraction_of_peak"] = case["ddpm_flops_per_s"] / peak
+    for case in cases:  # the bare convolutions' kernels
+        if case.get("case") != "conv" or not _peak(peaks, "float32"):
+            continue
+        for key in [k for k in case if k.endswith("_fraction_of_peak")]:
+            kind = key[: -len("_fraction_of_peak")]
+            case[key] = case[f"{kind}_flops_per_s"] / _peak(peaks, "float32")
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -908,13 +937,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="untimed train steps after compiling (PyTorch's CPU step takes about "
                         "three to reach its steady speed: oneDNN primitives and the "
                         "allocator's pools are built on the first calls)")
-    p.add_argument("--conv-weight-grad", default="auto", choices=conv_lib.WEIGHT_GRADS,
-                   help="the U-Net's conv_weight_grad in the train, sample and bpd cases")
-    p.add_argument("--conv-impl", default="auto", choices=conv_lib.IMPL_CHOICES,
-                   help="who computes the U-Net's float32 convolutions in the train, sample, "
-                        "bpd and loop cases: 'xla', 'onednn' (oneDNN's wheels and a C++ "
-                        "compiler), or 'auto' (the training default: oneDNN on a CPU where "
-                        "it can be built, else XLA)")
+    p.add_argument("--cpu-kernels", default="none", choices=conv_lib.CPU_KERNELS,
+                   help="the U-Net's model.cpu_kernels in the float32 train, sample, bpd and "
+                        "loop cases: 'none' (XLA's convolutions, the default path), "
+                        "'dilated' or 'onednn' (the .[onednn] extra and a C++ compiler)")
     p.add_argument("--conv-model", default="cifar",
                    help="U-Net whose levels give the conv case's shapes")
     p.add_argument("--conv-batch", type=int, default=32, help="batch of the conv case")
@@ -1005,9 +1031,15 @@ def run(args) -> dict[str, Any]:
         args.peak_size = 4096 if jax.devices()[0].platform == "cpu" else 8192
     dtypes = args.dtypes.split(",")
     peaks: dict[str, list[float]] = {}
-    result["peak_matmul"] = {dt: measure_peak(dt, args.peak_size, reps=5) for dt in dtypes}
-    for dt, peak in result["peak_matmul"].items():
-        peaks.setdefault(dt, []).append(peak["flops_per_s"])
+    meshes = sorted({1 if m == "1" else jax.device_count() for m in args.meshes.split(",")})
+    eval_dtypes = {args.eval_dtype} if {"sample", "bpd"} & set(cases_wanted) else set()
+    result["peak_matmul"] = {}
+    for dt in sorted(set(dtypes) | eval_dtypes):
+        for devices in sorted(set(meshes) | ({jax.device_count()} if eval_dtypes else set())):
+            peak = measure_peak(dt, args.peak_size, reps=5, num_devices=devices)
+            result["peak_matmul"][_peak_key(dt, devices)] = peak
+            peaks.setdefault(_peak_key(dt, devices), []).append(peak["flops_per_s"])
+    result["peak_how"] = PEAK_HOW
     cases: list[dict[str, Any]] = []
 
     def add(new_cases):
@@ -1015,7 +1047,6 @@ def run(args) -> dict[str, Any]:
             cases.append(case)
             print(f"# {json.dumps(case)}", file=sys.stderr, flush=True)
 
-    meshes = sorted({1 if m == "1" else jax.device_count() for m in args.meshes.split(",")})
     if args.torch_python:
         if jax.devices()[0].platform != "cpu":
             raise SystemExit("--torch-python compares with PyTorch on the CPU "
@@ -1043,10 +1074,11 @@ def run(args) -> dict[str, Any]:
         add(bench_data(args))
     if "loop" in cases_wanted:
         add(bench_loop(args))
+    finalize_fractions(cases, peaks)
     result["cases"] = cases
     if "torch" in result:
         attach_torch(cases, result["torch"])
-    result["peak_flops_per_s_median"] = {dt: statistics.median(v) for dt, v in peaks.items()}
+    result["peak_flops_per_s"] = {key: max(v) for key, v in peaks.items()}
     result["load_average_end"] = load_average()
     return result
 
@@ -1101,7 +1133,8 @@ def _conv_key(case: dict[str, Any]) -> tuple[int, int, int, int]:
 
 
 def _impl_label(case: dict[str, Any]) -> str:
-    return ", oneDNN convs" if case.get("conv_impl") == "onednn" else ""
+    kernels = case.get("cpu_kernels", "none")
+    return "" if kernels == "none" else f", cpu_kernels={kernels}"
 
 
 def _train_label(case: dict[str, Any]) -> str:

@@ -65,7 +65,7 @@ def case_config(name: str):
         config.diffusion.var_type, config.diffusion.loss_type = "learned_range", "hybrid"
         return config, DataInfo("latents_256", "image", (32, 32, 4), None, 1000)
     if name == "unet_cifar":
-        config.model.conv_impl = "xla"
+        config.model.cpu_kernels = "none"
         return config, DataInfo("cifar10", "image", (32, 32, 3), 50_000, 10)
     raise ValueError(f"Unknown case {name!r}; valid cases are {list(CASES)}.")
 

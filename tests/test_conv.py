@@ -50,12 +50,12 @@ CASES = [
 
 
 @pytest.mark.parametrize("image, kernel_hw, strides, padding", CASES)
-@pytest.mark.parametrize("weight_grad", ["xla", "dilated"])
-def test_values_and_gradients_match_numpy(image, kernel_hw, strides, padding, weight_grad):
+@pytest.mark.parametrize("cpu_kernels", ["none", "dilated"])
+def test_values_and_gradients_match_numpy(image, kernel_hw, strides, padding, cpu_kernels):
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (2, *image, 3))
     kernel = jax.random.normal(keys[1], (*kernel_hw, 3, 4))
-    fn = lambda x, k: conv.conv2d(x, k, strides, padding, weight_grad=weight_grad)
+    fn = lambda x, k: conv.conv2d(x, k, strides, padding, cpu_kernels=cpu_kernels)
     y, vjp = jax.vjp(jax.jit(fn), x, kernel)
     dy = jax.random.normal(keys[2], y.shape)
     dx, dkernel = vjp(dy)
@@ -82,57 +82,96 @@ def test_dilated_weight_grad_at_a_size_xla_runs_in_a_library():
     dy = jax.random.normal(keys[2], (2, 32, 32, 128))
 
     def weight_grad(form):
-        f = lambda k: conv.conv2d(x, k, weight_grad=form)
+        f = lambda k: conv.conv2d(x, k, cpu_kernels=form)
         return jax.jit(lambda dy: jax.vjp(f, kernel)[1](dy)[0])(dy)
 
     _, expected = _numpy_conv_and_weight_grad(x, kernel, dy, (1, 1), ((1, 1), (1, 1)))
-    for form in ("xla", "dilated"):
+    for form in ("none", "dilated"):
         np.testing.assert_allclose(weight_grad(form), expected, rtol=1e-4, atol=2e-3)
 
 
-def _lowered_gradient(weight_grad):
+def _lowered_gradient(cpu_kernels):
     x = jnp.zeros((2, 8, 8, 3))
     kernel = jnp.zeros((3, 3, 3, 4))
-    loss = lambda k: jnp.sum(conv.conv2d(x, k, weight_grad=weight_grad) ** 2)
+    loss = lambda k: jnp.sum(conv.conv2d(x, k, cpu_kernels=cpu_kernels) ** 2)
     return jax.jit(jax.grad(loss)).lower(kernel).as_text()
 
 
 def test_dilated_form_is_a_convolution_with_input_dilation():
     """The point of the dilated form is the program XLA gets: a convolution with input
-    (lhs) dilation 2, which XLA's CPU backend runs in Eigen; the 'xla' form has none."""
+    (lhs) dilation 2, which XLA's CPU backend runs in Eigen; the default has none."""
     assert "lhs_dilate = [2, 2]" in _lowered_gradient("dilated")
-    assert "lhs_dilate = [2, 2]" not in _lowered_gradient("xla")
+    assert "lhs_dilate = [2, 2]" not in _lowered_gradient("none")
 
 
-def test_auto_is_dilated_for_float32_on_the_cpu_only():
+def test_cpu_kernels_are_checked_at_config_time(monkeypatch):
+    """Unknown names list the valid ones; an opt-in that cannot run here names the cause
+    and the alternative ('none'); 'none' is accepted for every dtype and backend."""
     assert jax.default_backend() == "cpu"
-    assert conv.resolve_weight_grad("auto", jnp.float32) == "dilated"
-    assert conv.resolve_weight_grad("auto", jnp.bfloat16) == "xla"
-    assert conv.resolve_weight_grad("xla", jnp.float32) == "xla"
-    assert conv.resolve_weight_grad("dilated", jnp.bfloat16) == "dilated"
-    assert "lhs_dilate = [2, 2]" in _lowered_gradient("auto")
+    for dtype in (jnp.float32, jnp.bfloat16):
+        conv.check_cpu_kernels("none", dtype)
+    conv.check_cpu_kernels("dilated", jnp.float32)
+    with pytest.raises(ValueError, match=r"model.cpu_kernels must be one of \['none', "
+                                         r"'dilated', 'onednn'\]; got 'mkl'"):
+        conv.check_cpu_kernels("mkl", jnp.float32)
+    with pytest.raises(ValueError, match=r"'dilated' computes in float32; the model "
+                                         r"computes in bfloat16\. Use model.cpu_kernels='none'"):
+        conv.check_cpu_kernels("dilated", jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"'onednn' computes in float32.*Use "
+                                         r"model.cpu_kernels='none'"):
+        conv.check_cpu_kernels("onednn", jnp.bfloat16)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match=r"'onednn' are CPU kernels; the default JAX "
+                                         r"backend here is 'gpu'\. Use model.cpu_kernels='none'"):
+        conv.check_cpu_kernels("onednn", jnp.float32)
 
 
-def test_auto_impl_is_onednn_for_float32_on_the_cpu_where_it_can_be_built(monkeypatch):
-    assert jax.default_backend() == "cpu"
-    assert conv.resolve_impl("xla", jnp.float32) == ("xla", "asked for")
-    assert conv.resolve_impl("onednn", jnp.float32) == ("onednn", "asked for")
-    impl, why = conv.resolve_impl("auto", jnp.bfloat16)
-    assert impl == "xla" and "bfloat16" in why
-    monkeypatch.setattr(conv.onednn, "unavailable_reason", lambda: "no compiler here")
-    assert conv.resolve_impl("auto", jnp.float32) == ("xla", "no compiler here")
-    monkeypatch.setattr(conv.onednn, "unavailable_reason", lambda: None)
-    assert conv.resolve_impl("auto", jnp.float32)[0] == "onednn"
-    with pytest.raises(ValueError, match=r"conv impl must be one of \('auto', 'xla', "
-                                         r"'onednn'\); got 'mkl'"):
-        conv.resolve_impl("mkl", jnp.float32)
+def test_cpu_kernels_refused_where_onednn_cannot_run(monkeypatch):
+    """Not x86_64, no compiler: the reason and the alternative, before anything is built
+    (the build would need both)."""
+    from diffusion_jax.models import onednn
+
+    monkeypatch.setattr(onednn.platform, "machine", lambda: "aarch64")
+    with pytest.raises(ValueError, match=r"'onednn' cannot run here: oneDNN's wheels exist "
+                                         r"for x86_64 Linux only; this is Linux on aarch64\."
+                                         r".*Use model.cpu_kernels='none'"):
+        conv.check_cpu_kernels("onednn", jnp.float32, build=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(onednn, "_find_onednn", lambda: (None, None))
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(onednn.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match=r"'onednn' cannot run here: .*need a C\+\+17 "
+                                         r"compiler: none found.*Use model.cpu_kernels='none'"):
+        conv.check_cpu_kernels("onednn", jnp.float32, build=False)
+
+
+def test_default_path_imports_no_onednn():
+    """Building and running the default U-Net neither imports the oneDNN module nor
+    compiles anything (a fresh interpreter, so other tests' imports do not count)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jax, jax.numpy as jnp\n"
+        "from diffusion_jax.models import UNet\n"
+        "m = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())\n"
+        "x, t = jnp.zeros((1, 4, 4, 3)), jnp.zeros((1,), jnp.int32)\n"
+        "jax.grad(lambda p: m.apply(p, x, t, train=False).sum())(\n"
+        "    m.init(jax.random.key(0), x, t, train=False))\n"
+        "assert 'diffusion_jax.models.onednn' not in sys.modules, 'onednn imported'\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "CXX"}
+    env["CXX"] = "/nonexistent/compiler-that-must-not-run"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_bad_arguments_are_refused():
     x, kernel = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2))
-    with pytest.raises(ValueError, match=r"weight_grad must be one of \('auto', 'xla', "
-                                         r"'dilated'\); got 'eigen'"):
-        conv.conv2d(x, kernel, weight_grad="eigen")
+    with pytest.raises(ValueError, match=r"cpu_kernels must be one of \['none', 'dilated', "
+                                         r"'onednn'\]; got 'eigen'"):
+        conv.conv2d(x, kernel, cpu_kernels="eigen")
     with pytest.raises(ValueError, match=r"x must be NHWC and kernel HWIO \(rank 4\); got "
                                          r"shapes \(4, 4, 2\) and \(3, 3, 2, 2\)"):
         conv.conv2d(x[0], kernel)
@@ -159,8 +198,8 @@ def test_unet_gradients_are_the_same_in_either_form():
     """The tiny U-Net (3x3 convolutions, a stride-2 downsampling and the 2x2 phase
     convolutions of the upsampling): loss and every parameter's gradient agree."""
     x, t = _inputs(jax.random.key(1))
-    models = {form: UNet(**TINY, conv_weight_grad=form) for form in ("xla", "dilated")}
-    params = _random_params(_param_shapes(models["xla"], x, t), seed=0)
+    models = {form: UNet(**TINY, cpu_kernels=form) for form in ("none", "dilated")}
+    params = _random_params(_param_shapes(models["none"], x, t), seed=0)
     assert jax.tree.structure(_param_shapes(models["dilated"], x, t)) == jax.tree.structure(
         params)
 
@@ -168,7 +207,7 @@ def test_unet_gradients_are_the_same_in_either_form():
         loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, train=False) ** 2)
         return jax.jit(jax.value_and_grad(loss))(params)
 
-    loss_xla, grads_xla = loss_and_grad(models["xla"])
+    loss_xla, grads_xla = loss_and_grad(models["none"])
     loss_dilated, grads_dilated = loss_and_grad(models["dilated"])
     np.testing.assert_allclose(loss_dilated, loss_xla, rtol=1e-6)
 
@@ -182,8 +221,8 @@ def test_unet_gradients_are_the_same_in_either_form():
 
 def test_unet_refuses_an_unknown_form():
     x, t = _inputs(jax.random.key(1))
-    with pytest.raises(ValueError, match=r"weight_grad must be one of .*got 'fast'"):
-        UNet(**TINY, conv_weight_grad="fast").init(jax.random.key(0), x, t, train=False)
+    with pytest.raises(ValueError, match=r"cpu_kernels must be one of .*got 'fast'"):
+        UNet(**TINY, cpu_kernels="fast").init(jax.random.key(0), x, t, train=False)
 
 
 
@@ -192,7 +231,7 @@ def test_only_the_differentiated_arguments_get_a_gradient_program():
     when the kernel is, as XLA's own differentiation does: the count of convolutions in
     each gradient's jaxpr (one forward, plus one per gradient)."""
     x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
-    loss = lambda x, k: jnp.sum(conv.conv2d(x, k, weight_grad="dilated") ** 2)
+    loss = lambda x, k: jnp.sum(conv.conv2d(x, k, cpu_kernels="dilated") ** 2)
 
     def convolutions(argnums):
         jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=argnums))(x, kernel).jaxpr
@@ -203,3 +242,17 @@ def test_only_the_differentiated_arguments_get_a_gradient_program():
     assert dx.params["lhs_dilation"] == (1, 1)
     (_, dkernel) = convolutions(1)
     assert dkernel.params["lhs_dilation"] == (2, 2)
+
+
+def test_onednn_wheels_are_an_install_extra_only():
+    """`pip install -e .` pulls no oneDNN wheel; `.[onednn]` pulls both (pinned)."""
+    import pathlib
+    import tomllib
+
+    project = tomllib.loads((pathlib.Path(__file__).resolve().parent.parent
+                             / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if "onednn" in d.lower()]
+    extra = project["optional-dependencies"]["onednn"]
+    assert sorted(d.split("==")[0] for d in extra) == ["onednn-cpu-gomp",
+                                                       "onednn-devel-cpu-gomp"]
+    assert all("==2023.2.0;" in d and "platform_machine == 'x86_64'" in d for d in extra)

@@ -11,7 +11,7 @@ import pytest
 from diffusion_jax.training import setup
 from helpers import ONE_LEVEL_FLAGS, ROOT, launch, load_config, restore_tree
 
-TINY_FLAGS = (*ONE_LEVEL_FLAGS, "--config.model.conv_impl=xla", "--config.train.sample_every=0")
+TINY_FLAGS = (*ONE_LEVEL_FLAGS, "--config.model.cpu_kernels=none", "--config.train.sample_every=0")
 
 
 def _train_resume_sample_eval(tmp_path, config, sample_flags, stem, eval_key):

@@ -1,11 +1,11 @@
 """oneDNN convolutions (`diffusion_jax.models.onednn`): values and both gradients against
 the float64 NumPy sums of tests/test_conv.py for every geometry the U-Net uses, the U-Net
-with conv_impl='onednn' against XLA's, sharded input (partitioned over the batch), the
+with cpu_kernels='onednn' against XLA's, sharded input (partitioned over the batch), the
 build cache, and bad input.
 
-These tests need oneDNN's wheels (dependencies on x86_64 Linux) and a C++ compiler; they
-are skipped only off x86_64 Linux (no wheels) or with no compiler at all, and otherwise
-fail with the reason."""
+These tests need oneDNN's wheels (the install extra ``.[onednn]``, x86_64 Linux) and a
+C++ compiler; they are skipped off x86_64 Linux, with no compiler, or without the wheels,
+and otherwise fail with the reason."""
 
 import json
 import re
@@ -25,6 +25,9 @@ from tests.helpers import (ONE_LEVEL_FLAGS, ROOT, launch, launch_cmd, launch_env
 from tests.test_conv import CASES, _numpy_conv_and_weight_grad
 from tests.test_launch import _free_port
 from tests.test_unet import TINY, _inputs, _param_shapes, _random_params
+
+# The default path and the opt-in, compared.
+_IMPLS = ("none", "onednn")
 
 pytestmark = pytest.mark.skipif(onednn_skip_reason() is not None,
                                 reason=str(onednn_skip_reason()))
@@ -72,7 +75,7 @@ def test_values_and_gradients_against_numpy(image, kernel_size, strides, padding
     np.testing.assert_allclose(np.asarray(dw), want_dw, rtol=1e-5, atol=1e-4)
     # dL/dx against XLA's transpose (itself checked against NumPy in test_conv.py).
     _, xla_vjp = jax.vjp(lambda x_: conv.conv2d(x_, kernel, strides, padding,
-                                                 weight_grad="xla"), x)
+                                                 cpu_kernels="none"), x)
     np.testing.assert_allclose(np.asarray(dx), np.asarray(xla_vjp(jnp.asarray(dy))[0]),
                                rtol=1e-5, atol=1e-4)
 
@@ -85,10 +88,10 @@ def test_large_shape_under_jit():
     pads = ((1, 1), (1, 1))
 
     def loss(impl):
-        return lambda x_, k_: jnp.sum(jnp.sin(conv.conv2d(x_, k_, (1, 1), pads, impl=impl)))
+        return lambda x_, k_: jnp.sum(jnp.sin(conv.conv2d(x_, k_, (1, 1), pads, cpu_kernels=impl)))
 
     got = jax.jit(jax.value_and_grad(loss("onednn"), (0, 1)))(x, kernel)
-    want = jax.jit(jax.value_and_grad(loss("xla"), (0, 1)))(x, kernel)
+    want = jax.jit(jax.value_and_grad(loss("none"), (0, 1)))(x, kernel)
     _assert_leaves_close(got, want)
 
 
@@ -104,11 +107,11 @@ def test_concurrent_calls_of_one_geometry():
 
     def loss(impl):
         def f(xs_, ks_):
-            return sum(jnp.sum(jnp.sin(conv.conv2d(xs_[i], ks_[i], (1, 1), pads, impl=impl)))
+            return sum(jnp.sum(jnp.sin(conv.conv2d(xs_[i], ks_[i], (1, 1), pads, cpu_kernels=impl)))
                        for i in range(4))
         return jax.jit(jax.grad(f, (0, 1)))
 
-    want = loss("xla")(xs, ks)
+    want = loss("none")(xs, ks)
     got_fn = loss("onednn")
     for _ in range(2):
         _assert_leaves_close(got_fn(xs, ks), want)
@@ -117,32 +120,33 @@ def test_concurrent_calls_of_one_geometry():
 def test_unet_matches_xla():
     x, t = _inputs(jax.random.key(1))
     params = _random_params(_param_shapes(UNet(**TINY), x, t), seed=0)
-    models = {impl: UNet(**{**TINY, "dropout": 0.0}, conv_impl=impl) for impl in conv.IMPLS}
+    models = {impl: UNet(**{**TINY, "dropout": 0.0}, cpu_kernels=impl) for impl in _IMPLS}
     outputs, grads = {}, {}
     for impl, model in models.items():
         apply = lambda p, model=model: model.apply({"params": p}, x, t, train=False)
         outputs[impl] = apply(params)
         grads[impl] = jax.grad(lambda p, apply=apply: jnp.sum(apply(p) ** 2))(params)
-    scale = float(jnp.max(jnp.abs(outputs["xla"])))
-    np.testing.assert_allclose(outputs["onednn"], outputs["xla"], atol=1e-5 * scale, rtol=0)
+    scale = float(jnp.max(jnp.abs(outputs["none"])))
+    np.testing.assert_allclose(outputs["onednn"], outputs["none"], atol=1e-5 * scale, rtol=0)
     # Gradients leaf by leaf, against the largest gradient of the whole tree (some leaves,
     # e.g. biases a GroupNorm removes, have a true gradient of zero and only rounding).
-    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["xla"]))
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads["none"]))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale, rtol=0),
-                 grads["onednn"], grads["xla"])
+                 grads["onednn"], grads["none"])
 
 
-def test_unet_auto_takes_onednn_for_float32_only():
+def test_unet_calls_onednn_only_when_asked():
     x, t = _inputs(jax.random.key(1))
 
-    def targets(dtype):
-        model = UNet(**TINY, dtype=dtype, conv_impl="auto")
+    def targets(cpu_kernels):
+        model = UNet(**TINY, cpu_kernels=cpu_kernels)
         params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, train=False))
         jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, x, t, train=False))(params))
         return set(re.findall(r"DjConv\w+", jaxpr))
 
-    assert targets(jnp.float32) == {"DjConvForward"}
-    assert targets(jnp.bfloat16) == set()
+    assert targets("onednn") == {"DjConvForward"}
+    assert targets("none") == set()
+    assert targets("dilated") == set()
 
 
 @pytest.mark.parametrize("mesh_shape, batch_axes, batch", [
@@ -162,10 +166,10 @@ def test_sharded_batch_matches_one_device(mesh_shape, batch_axes, batch):
     pads = ((1, 1), (1, 1))
 
     def loss(impl):
-        return lambda x_, k_: jnp.sum(jnp.sin(conv.conv2d(x_, k_, (2, 2), pads, impl=impl)))
+        return lambda x_, k_: jnp.sum(jnp.sin(conv.conv2d(x_, k_, (2, 2), pads, cpu_kernels=impl)))
 
     grad = jax.value_and_grad(loss("onednn"), (0, 1))
-    want = jax.jit(jax.value_and_grad(loss("xla"), (0, 1)))(x, kernel)
+    want = jax.jit(jax.value_and_grad(loss("none"), (0, 1)))(x, kernel)
     devices = int(np.prod(mesh_shape))
     mesh = Mesh(np.asarray(jax.devices()[:devices]).reshape(mesh_shape),
                 ("data", "model")[:len(mesh_shape)])
@@ -251,12 +255,12 @@ def test_vmap_matches_xla():
 
     def cases(impl):
         f = jax.value_and_grad(
-            lambda a, b: jnp.sum(jnp.sin(conv.conv2d(a, b, (1, 2), pads, impl=impl))), (0, 1))
+            lambda a, b: jnp.sum(jnp.sin(conv.conv2d(a, b, (1, 2), pads, cpu_kernels=impl))), (0, 1))
         nested = jax.vmap(jax.vmap(f, in_axes=(0, None)), in_axes=(None, 0))
         return (jax.jit(jax.vmap(f, in_axes=(0, None)))(x, kernels[0]),
                 jax.jit(jax.vmap(f))(x, kernels), nested(x[:, :1], kernels))
 
-    got, want = cases("onednn"), cases("xla")
+    got, want = cases("onednn"), cases("none")
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
@@ -304,19 +308,20 @@ def test_bad_input():
         onednn.conv2d(x, kernel, (2, 2), ((0, -1), (0, -1)))
     with pytest.raises(ValueError, match=r"does not fit"):
         onednn.conv2d(jnp.ones((2, 2, 2, 4)), kernel, (1, 1), ((0, 0), (0, 0)))
-    with pytest.raises(ValueError, match=r"conv impl must be one of \('xla', 'onednn'\); "
-                                         r"got 'mkl'"):
-        conv.conv2d(x, kernel, impl="mkl")
+    with pytest.raises(ValueError, match=r"cpu_kernels must be one of \['none', 'dilated', "
+                                         r"'onednn'\]; got 'mkl'"):
+        conv.conv2d(x, kernel, cpu_kernels="mkl")
 
 
 def test_missing_library_or_compiler_is_explained(monkeypatch, tmp_path):
     monkeypatch.setattr(onednn, "_prefixes", lambda: [tmp_path])
     with pytest.raises(onednn.OneDNNUnavailableError,
-                       match=r"onednn-devel-cpu-gomp wheels, `pip install -e \.`"):
+                       match=r"install the project's onednn extra \(`pip install -e "
+                             r"\"\.\[onednn\]\"`"):
         onednn._find_onednn()
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(onednn.OneDNNUnavailableError, match=r"needs a C\+\+17 compiler"):
+    with pytest.raises(onednn.OneDNNUnavailableError, match=r"need a C\+\+17 compiler"):
         onednn._compiler()
 
 
@@ -325,14 +330,14 @@ def test_launch_trains_as_with_xla(tmp_path):
     # float32 rounding (data parallel: test_two_processes_train_as_one, and in one process
     # test_sharded_batch_matches_one_device).
     losses = {}
-    for impl in conv.IMPLS:
+    for impl in _IMPLS:
         workdir = tmp_path / impl
-        launch(*_TINY_RUN, f"--config.model.conv_impl={impl}", f"--workdir={workdir}",
+        launch(*_TINY_RUN, f"--config.model.cpu_kernels={impl}", f"--workdir={workdir}",
                devices=1)
         losses[impl] = _losses(workdir)
-        assert json.loads((workdir / "config.json").read_text())["model"]["conv_impl"] == impl
+        assert json.loads((workdir / "config.json").read_text())["model"]["cpu_kernels"] == impl
     assert len(losses["onednn"]) == 3 and np.all(np.isfinite(losses["onednn"]))
-    np.testing.assert_allclose(losses["onednn"], losses["xla"], rtol=1e-4)
+    np.testing.assert_allclose(losses["onednn"], losses["none"], rtol=1e-4)
 
 
 def _two_processes(workdir, flags, env_of=lambda i: {}):
@@ -349,26 +354,12 @@ def _two_processes(workdir, flags, env_of=lambda i: {}):
 
 
 def test_two_processes_train_as_one(tmp_path):
-    # Two hosts of one device each, 'auto' (oneDNN here) on both: the losses of one
-    # process with two devices, to float32 rounding.
-    for proc, _, err in _two_processes(tmp_path / "multi", _TINY_RUN):
+    # Two hosts of one device each with oneDNN's convolutions: the losses of one process
+    # with two devices and XLA's, to float32 rounding.
+    flags = (*_TINY_RUN, "--config.model.cpu_kernels=onednn")
+    for proc, _, err in _two_processes(tmp_path / "multi", flags):
         assert proc.returncode == 0, err[-4000:]
-        assert "model.conv_impl='auto': onednn convolutions" in err
-    launch(*_TINY_RUN, "--config.model.conv_impl=xla", f"--workdir={tmp_path / 'single'}",
-           devices=2)
+    launch(*_TINY_RUN, f"--workdir={tmp_path / 'single'}", devices=2)
     losses = {name: _losses(tmp_path / name) for name in ("multi", "single")}
     assert len(losses["multi"]) == 3
     np.testing.assert_allclose(losses["multi"], losses["single"], rtol=1e-4)
-
-
-def test_processes_that_resolve_auto_differently_are_refused(tmp_path):
-    # Process 1 cannot build the handlers (no compiler, an empty build cache): it would
-    # take XLA's convolutions while process 0 takes oneDNN's, and the two programs would
-    # never meet in their collectives. Both stop with the reason instead.
-    broken = {"CXX": str(tmp_path / "no-compiler"),
-              "DIFFUSION_JAX_CACHE": str(tmp_path / "empty_cache")}
-    results = _two_processes(tmp_path / "run", _TINY_RUN, lambda i: broken if i == 1 else {})
-    for proc, _, err in results:
-        assert proc.returncode != 0
-    assert any("model.conv_impl='auto' chose" in err and "set model.conv_impl='xla'" in err
-               for _, _, err in results), results[0][2][-3000:]

@@ -17,7 +17,7 @@ def _digits_config(steps):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config("tiny")
-    c.model.conv_impl = "xla"
+    c.model.cpu_kernels = "none"
     c.train.num_steps, c.train.batch_size, c.optim.lr, c.optim.ema_decay = steps, 32, 2e-3, 0.99
     c.train.log_every, c.train.checkpoint_every, c.train.sample_every = steps, steps, steps
     c.sample.num_samples, c.sample.sampler, c.sample.num_steps = 100, "ddim", 20

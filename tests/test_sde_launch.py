@@ -13,13 +13,13 @@ from helpers import ROOT, launch, load_config, restore_tree
 
 CONFIG = ROOT / "configs" / "sde_digits.py"
 FLAGS = ("--config.model.ch_mult=(1,)", "--config.model.attn_resolutions=()",
-         "--config.model.conv_impl=xla", "--config.train.sample_every=0")
+         "--config.model.cpu_kernels=none", "--config.train.sample_every=0")
 
 
 def _config():
     config = load_config(CONFIG, "tiny")
     config.model.ch_mult, config.model.attn_resolutions = (1,), ()
-    config.model.conv_impl, config.train.sample_every = "xla", 0
+    config.model.cpu_kernels, config.train.sample_every = "none", 0
     return config
 
 

@@ -112,8 +112,6 @@ def test_unwritable_workdir(tmp_path):
         ("diffusion", "var_type", "learned", r"'mse' cannot train var_type 'learned'"),
         ("diffusion", "schedule", "quadratic", r"diffusion.schedule 'quadratic'.*'linear'"),
         ("model", "name", "resnet", r"model.name 'resnet'.*\['unet', 'mlp', 'dit'\]"),
-        ("model", "conv_weight_grad", "fast",
-         r"model.conv_weight_grad 'fast'.*\['auto', 'xla', 'dilated'\]"),
         ("model", "dropout_rng", "philox", r"model.dropout_rng 'philox'.*\['hash', 'jax'\]"),
         (None, "objective", "gan", r"objective 'gan'.*\['ddpm'"),
         ("train", "nan_policy", "ignore", r"train.nan_policy 'ignore'.*\['stop', 'skip'\]"),
@@ -187,24 +185,21 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(state)))
 
 
-def test_onednn_convolutions_need_float32():
-    config = toy_config()
-    config.model.update(conv_impl="onednn", dtype="bfloat16")
-    with pytest.raises(ValueError, match=r"conv_impl='onednn' computes in float32; "
-                                         r"model.dtype is 'bfloat16'"):
+def test_cpu_kernels_are_an_opt_in_checked_at_config_time():
+    """The default is XLA's convolutions; an opt-in that cannot run (bfloat16 here) stops
+    validation with the cause and the alternative; unknown names list the valid ones."""
+    config = one_level_cifar_config()
+    assert config.model.cpu_kernels == "none"
+    model = setup.create_model(config, data.dataset_info(config.data))
+    assert model.cpu_kernels == "none"
+    config.model.update(cpu_kernels="dilated", dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"model.cpu_kernels='dilated' computes in float32; "
+                                         r"the model computes in bfloat16\. Use "
+                                         r"model.cpu_kernels='none'"):
         setup.validate_config(config)
     config.model.dtype = "float32"
     setup.validate_config(config)
-
-
-def test_auto_conv_impl_is_logged(caplog, monkeypatch):
-    config = one_level_cifar_config()
-    assert config.model.conv_impl == "auto"
-    monkeypatch.setattr(setup.conv.onednn, "unavailable_reason", lambda: "no compiler here")
-    with caplog.at_level("INFO"):
-        model = setup.create_model(config, data.dataset_info(config.data))
-    assert model.conv_impl == "xla"
-    assert "model.conv_impl='auto': xla convolutions (no compiler here)" in caplog.text
-    config.model.conv_impl = "mkl"
-    with pytest.raises(ValueError, match=r"conv_impl.*'mkl'.*'auto', 'xla', 'onednn'"):
+    assert setup.create_model(config, data.dataset_info(config.data)).cpu_kernels == "dilated"
+    config.model.cpu_kernels = "mkl"
+    with pytest.raises(ValueError, match=r"cpu_kernels.*'mkl'.*'none', 'dilated', 'onednn'"):
         setup.validate_config(config)

@@ -6,10 +6,12 @@
 - :class:`NormalizedRBF`: a normalized radial-basis-function net with a readout per step
   (the 2015 paper's swiss roll network).
 - :func:`timestep_embedding`: DDPM's sinusoidal embedding of the step ``t``.
-- :class:`Conv` / :func:`conv2d`: an NHWC convolution whose weight gradient can take a
-  form faster on the CPU (`diffusion_jax.models.conv`; the U-Net's convolutions).
+- :class:`Conv` / :func:`conv2d`: the U-Net's NHWC convolution, XLA's by default, with
+  opt-in float32 CPU kernels (``cpu_kernels``: `diffusion_jax.models.conv`, the one place
+  they are chosen).
 - :class:`Dropout`: ``nn.Dropout`` with its mask from a counter-based hash, far cheaper
-  than threefry on the CPU (`diffusion_jax.models.dropout`; the U-Net's dropout).
+  than threefry on the CPU and plain integer ops on every backend
+  (`diffusion_jax.models.dropout`; the U-Net's dropout).
 
 The models know nothing of schedules or losses: they map ``(x_t, t)`` to an array.
 """

@@ -7,16 +7,10 @@ channels the network needs (its objective knows: eps and a variance, a score, ..
 
 from __future__ import annotations
 
-import logging
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from jax.experimental import multihost_utils
 
-from diffusion_jax.models import conv
 from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.mlp import MLP
 from diffusion_jax.models.unet import UNet
@@ -45,23 +39,12 @@ def create_model(config: ml_collections.ConfigDict, info, out_channels: int) -> 
             raise ValueError(
                 f"model.num_classes = {num_classes} but data set {info.name!r} has no labels."
             )
-        # Resolved once here, so that every trace of this model computes the same way.
-        impl, why = conv.resolve_impl(m.conv_impl, DTYPES[m.dtype])
-        if m.conv_impl == "auto":
-            logging.info("model.conv_impl='auto': %s convolutions (%s)", impl, why)
-            if jax.process_count() > 1:  # hosts that chose differently would never meet
-                multihost_utils.assert_equal(
-                    np.asarray(conv.IMPLS.index(impl), np.int32),
-                    f"model.conv_impl='auto' chose {impl} convolutions on process "
-                    f"{jax.process_index()} ({why}), and other processes chose otherwise: "
-                    "set model.conv_impl='xla' (or make oneDNN available on every host).")
         return UNet(
             ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
             attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
             out_channels=out_channels, num_classes=num_classes,
             null_class=config.train.get("p_uncond", 0.0) > 0, dtype=DTYPES[m.dtype],
-            conv_weight_grad=m.conv_weight_grad, dropout_rng=m.dropout_rng,
-            conv_impl=impl,
+            dropout_rng=m.dropout_rng, cpu_kernels=m.cpu_kernels,
         )
     if info.kind != "vector":
         raise ValueError(

@@ -97,7 +97,8 @@ class MLP(nn.Module):
           train: unused (no dropout); accepted so every model has the same call signature.
 
         Returns:
-          float32 array of shape (B, out_dim or D), or (S, B, out_dim or D) for blocks.
+          float32 (float64 for float64 x) array of shape (B, out_dim or D), or
+          (S, B, out_dim or D) for blocks.
         """
         del train
         act = self._check_config()
@@ -109,7 +110,7 @@ class MLP(nn.Module):
             temb = timestep_embedding(t, self.time_embedding_dim)
             temb = nn.swish(nn.Dense(self.time_embedding_dim, name="temb_dense")(temb))
 
-        h = x.astype(jnp.float32)
+        h = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
         for i, width in enumerate(self.features):
             h = nn.Dense(width, name=f"hidden_{i}")(h)
             if temb is not None:

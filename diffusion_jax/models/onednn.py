@@ -5,11 +5,12 @@ the README's Performance section those kernels reach 175-200 GFLOP/s forward and
 the weight gradient, while oneDNN (the library PyTorch uses on CPUs) runs the same NHWC
 convolutions at 205-240 GFLOP/s in all three passes. `conv2d` here calls oneDNN for the
 forward convolution, the input gradient and the weight gradient (a ``custom_vjp``), and
-leaves every other op of the program to XLA. The U-Net takes it with
-``conv_impl='onednn'``, or ``'auto'`` (config ``model.conv_impl``, whose default it is)
-where it can be built (`diffusion_jax.models.conv.resolve_impl`).
+leaves every other op of the program to XLA. It is an opt-in: the U-Net takes it with
+``cpu_kernels='onednn'`` (config ``model.cpu_kernels``; `diffusion_jax.models.conv`), and
+nothing here is imported, built or loaded otherwise.
 
-Requirements (the project's dependencies bring the first two on x86_64 Linux):
+Requirements (the install extra ``pip install -e ".[onednn]"`` brings the first two on
+x86_64 Linux):
 
 - oneDNN's shared library and headers: the PyPI wheels ``onednn-cpu-gomp`` and
   ``onednn-devel-cpu-gomp`` (oneDNN 3.2, GNU OpenMP threading), found under the Python
@@ -17,7 +18,8 @@ Requirements (the project's dependencies bring the first two on x86_64 Linux):
 - a C++17 compiler (``$CXX`` or ``g++``): the handlers in ``onednn_conv.cc`` are compiled
   on first use, against the headers of the installed jaxlib, into
   ``$DIFFUSION_JAX_CACHE`` (default ``~/.cache/diffusion_jax``), once per source, jaxlib
-  and oneDNN version; later processes load the cached library.
+  version, oneDNN version and library, compiler identity (its path and ``--version``) and
+  flags; later processes load the cached library.
 
 Limits: float32 only, CPU only, NHWC input and HWIO kernels, non-negative padding.
 
@@ -43,6 +45,7 @@ import importlib.metadata
 import math
 import os
 import pathlib
+import platform
 import shutil
 import site
 import subprocess
@@ -115,11 +118,10 @@ def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
                 lib / "libdnnl.so.3").exists():
             return include, lib
     raise OneDNNUnavailableError(
-        "conv_impl='onednn' needs oneDNN's library and headers, looked for under "
+        "oneDNN's library and headers were not found under "
         f"{[str(p) for p in _prefixes()]} (lib/libdnnl.so.3, include/oneapi/dnnl/dnnl.hpp): "
-        "the project installs them on x86_64 Linux (the onednn-cpu-gomp and "
-        "onednn-devel-cpu-gomp wheels, `pip install -e .`; no wheels exist elsewhere), or "
-        "use conv_impl='xla'."
+        "install the project's onednn extra (`pip install -e \".[onednn]\"`, the "
+        "onednn-cpu-gomp and onednn-devel-cpu-gomp wheels, x86_64 Linux only)."
     )
 
 
@@ -127,9 +129,8 @@ def _compiler() -> str:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if not compiler:
         raise OneDNNUnavailableError(
-            "conv_impl='onednn' compiles its FFI handlers on first use and needs a C++17 "
-            "compiler: none found ($CXX, g++, c++). Install one (e.g. Debian's g++) or use "
-            "conv_impl='xla'."
+            "the oneDNN FFI handlers are compiled on first use and need a C++17 "
+            "compiler: none found ($CXX, g++, c++). Install one (e.g. Debian's g++)."
         )
     return compiler
 
@@ -140,20 +141,53 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "onednn"
 
 
+def onednn_version(include: pathlib.Path) -> str:
+    """oneDNN's version as its header ``dnnl_version.h`` states it ('3.2.0'), else the
+    wheel's version, else 'unknown'."""
+    header = include / "oneapi" / "dnnl" / "dnnl_version.h"
+    if header.is_file():
+        fields = {}
+        for line in header.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "#define" and parts[1].startswith("DNNL_VERSION_"):
+                fields[parts[1]] = parts[2]
+        parts = [fields.get(f"DNNL_VERSION_{k}") for k in ("MAJOR", "MINOR", "PATCH")]
+        if all(parts):
+            return ".".join(parts)
+    try:
+        return "wheel " + importlib.metadata.version(_WHEELS[0])
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def compiler_identity(compiler: str) -> str:
+    """The compiler's resolved path and the first line of its ``--version``: a cached build
+    is reused only by the compiler that made it."""
+    path = shutil.which(compiler) or compiler
+    try:
+        result = subprocess.run([path, "--version"], capture_output=True, text=True,
+                                check=False, timeout=30)
+        first = (result.stdout or result.stderr).strip().splitlines()[:1]
+    except (OSError, subprocess.SubprocessError) as error:
+        first = [f"unrunnable: {error}"]
+    return f"{os.path.realpath(path)} {' '.join(first)}"
+
+
 def _build(include: pathlib.Path, lib: pathlib.Path) -> pathlib.Path:
     """The compiled handlers, from the cache or built now (written under a temporary
     name and renamed, so a concurrent or interrupted build never leaves a torn file)."""
     source = _SOURCE.read_bytes()
     jax_include = pathlib.Path(jax.ffi.include_dir())
+    compiler = _compiler()
     digest = hashlib.sha256(b"\0".join([
         source, jaxlib.__version__.encode(), str((lib / "libdnnl.so.3").resolve()).encode(),
+        onednn_version(include).encode(), compiler_identity(compiler).encode(),
         " ".join(_FLAGS).encode(),
     ])).hexdigest()[:16]
     target = _cache_dir() / f"djconv_{digest}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    compiler = _compiler()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = pathlib.Path(tmp) / target.name
         command = [compiler, *_FLAGS, str(_SOURCE), "-o", str(out), f"-I{include}",
@@ -177,11 +211,9 @@ def load() -> None:
         if "library" in _STATE:
             return
         try:
-            if jax.default_backend() != "cpu":
-                raise OneDNNUnavailableError(
-                    f"conv_impl='onednn' runs on the CPU backend; the default backend is "
-                    f"{jax.default_backend()!r}. Use conv_impl='xla'."
-                )
+            platform_reason = _platform_reason()
+            if platform_reason is not None:
+                raise OneDNNUnavailableError(platform_reason)
             try:
                 path = _build(*_find_onednn())
             except OSError as error:  # a compiler that cannot run, a cache not writable
@@ -199,8 +231,30 @@ def load() -> None:
         _STATE["library"] = library
 
 
-def unavailable_reason() -> str | None:
-    """None when oneDNN convolutions can be used here, else why not."""
+def _platform_reason() -> str | None:
+    """Why this machine cannot run the handlers at all, or None."""
+    if jax.default_backend() != "cpu":
+        return (f"the oneDNN convolutions run on the CPU backend; the default backend is "
+                f"{jax.default_backend()!r}.")
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return (f"oneDNN's wheels exist for x86_64 Linux only; this is "
+                f"{platform.system()} on {platform.machine()}.")
+    return None
+
+
+def unavailable_reason(build: bool = True) -> str | None:
+    """None when oneDNN convolutions can be used here, else why not. With ``build`` the
+    handlers are built (or taken from the cache) and loaded; without, only the platform,
+    the wheels and the compiler are looked for."""
+    if not build:
+        try:
+            reason = _platform_reason()
+            if reason is None:
+                _find_onednn()
+                _compiler()
+        except OneDNNUnavailableError as error:
+            return str(error)
+        return reason
     try:
         load()
     except OneDNNUnavailableError as error:
@@ -277,7 +331,7 @@ def _batch_axes(mesh, arg_shapes):
         raise ValueError(
             f"oneDNN convolutions in a partitioned program need the batch's sharding on a "
             f"named mesh; got {sharding!r}. Pass jax.sharding.NamedSharding in_shardings "
-            f"(or run under a mesh), or use conv_impl='xla'.")
+            f"(or run under a mesh), or use cpu_kernels='none'.")
     spec = sharding.spec
     batch = spec[0] if len(spec) else None
     if batch is None:
@@ -397,7 +451,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
                          f"{jnp.shape(x)} and {jnp.shape(kernel)}")
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise ValueError(f"onednn.conv2d computes in float32; got x {x.dtype} and kernel "
-                         f"{kernel.dtype}. Use conv_impl='xla' for other dtypes.")
+                         f"{kernel.dtype}. Use cpu_kernels='none' for other dtypes.")
     if x.shape[3] != kernel.shape[2]:
         raise ValueError(f"onednn.conv2d: x has {x.shape[3]} channels and the kernel expects "
                          f"{kernel.shape[2]} (shapes {x.shape} and {kernel.shape})")

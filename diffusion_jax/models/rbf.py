@@ -53,7 +53,8 @@ class NormalizedRBF(nn.Module):
           train: unused; accepted so every model has the same call signature.
 
         Returns:
-          float32 (B, out_dim or D), or (S, B, out_dim or D) for blocks.
+          float32 (float64 for float64 x) (B, out_dim or D), or (S, B, out_dim or D)
+          for blocks.
         """
         del train
         self._check(x, t)
@@ -68,7 +69,8 @@ class NormalizedRBF(nn.Module):
             (self.num_hidden,), jnp.float32,
         )
         lead = (1,) * (x.ndim - 1)
-        diff = x[..., None, :].astype(jnp.float32) - centers.reshape(lead + centers.shape)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
+        diff = xf[..., None, :] - centers.reshape(lead + centers.shape)
         inv_var = jnp.exp(-2.0 * log_widths).reshape(lead + log_widths.shape)
         h = jax.nn.softmax(-0.5 * jnp.sum(jnp.square(diff), -1) * inv_var, axis=-1)
         init = (

@@ -21,6 +21,7 @@ statistics and the attention softmax are computed in float32, and the output is 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -93,14 +94,13 @@ class ResnetBlock(nn.Module):
     dropout: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"
     dropout_rng: str = "hash"
-    conv_impl: str = "xla"
+    cpu_kernels: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        conv = dict(dense, weight_grad=self.conv_weight_grad, impl=self.conv_impl)
+        conv = dict(dense, cpu_kernels=self.cpu_kernels)
         h = nn.swish(_group_norm(self, "norm1")(x))
         h = Conv(self.out_ch, (3, 3), kernel_init=default_init(), name="conv1", **conv)(h)
         temb_proj = nn.Dense(self.out_ch, kernel_init=default_init(), name="temb_proj", **dense)
@@ -111,22 +111,21 @@ class ResnetBlock(nn.Module):
             self.out_ch, (3, 3), kernel_init=default_init(_ZERO_INIT_SCALE), name="conv2", **conv
         )(h)
         if x.shape[-1] != self.out_ch:
-            x = _Pointwise(self.out_ch, impl=self.conv_impl, name="nin_shortcut", **dense)(x)
+            x = _Pointwise(self.out_ch, cpu_kernels=self.cpu_kernels, name="nin_shortcut",
+                           **dense)(x)
         return x + h
 
 
 class _Pointwise(nn.Module):
     """DDPM's ``nin`` (a 1x1 convolution): what ``nn.Dense(features)`` computes over the
     channels of a (B, H, W, C) input, with its parameters (``kernel`` (C, features),
-    ``bias``), initialisers and dtype promotion. With ``impl='onednn'`` it is computed as a
-    1x1 convolution by oneDNN: XLA's matmul runs its input gradient (contracting
-    ``features``, 128 at the CIFAR U-Net's first level) at about 100 GFLOP/s on the
-    README's 2-core CPU."""
+    ``bias``), initialisers and dtype promotion. With ``cpu_kernels='onednn'`` it is
+    computed as a 1x1 convolution by oneDNN (`diffusion_jax.models.conv.conv2d`)."""
 
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    impl: str = "xla"
+    cpu_kernels: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -135,8 +134,8 @@ class _Pointwise(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
                           self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if self.impl == "onednn":
-            y = conv2d(x, kernel[None, None], (1, 1), ((0, 0), (0, 0)), impl=self.impl)
+        if self.cpu_kernels == "onednn":
+            y = conv2d(x, kernel[None, None], (1, 1), ((0, 0), (0, 0)), cpu_kernels="onednn")
         else:  # nn.Dense's own contraction
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
         return y + bias.reshape(1, 1, 1, -1)
@@ -145,9 +144,9 @@ class _Pointwise(nn.Module):
 class AttnBlock(nn.Module):
     """DDPM's ``attn_block``: single-head self-attention over all H*W positions.
 
-    ``q, k, v`` are 1x1 projections of ``GroupNorm(x)``; the weights
-    ``softmax(q k^T / sqrt(C))`` are computed in float32; the output projection is
-    initialised near zero and added to ``x``.
+    ``q, k, v`` are 1x1 projections of ``GroupNorm(x)``; the output is
+    ``softmax(q k^T / sqrt(C)) v`` (Vaswani et al. 2017, eq. 1), computed by
+    `attention`; the output projection is initialised near zero and added to ``x``.
 
     Input and output (B, H, W, C), output in ``dtype``.
     """
@@ -163,16 +162,31 @@ class AttnBlock(nn.Module):
         q = nn.Dense(channels, kernel_init=default_init(), name="q", **dense)(h)
         k = nn.Dense(channels, kernel_init=default_init(), name="k", **dense)(h)
         v = nn.Dense(channels, kernel_init=default_init(), name="v", **dense)(h)
-        q = q.reshape(batch, height * width, channels)
-        k = k.reshape(batch, height * width, channels)
-        v = v.reshape(batch, height * width, channels)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * (channels**-0.5), axis=-1).astype(v.dtype)
-        h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(batch, height, width, channels)
+        shape = (batch, height * width, channels)
+        h = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape))
+        h = h.reshape(batch, height, width, channels)
         h = nn.Dense(
             channels, kernel_init=default_init(_ZERO_INIT_SCALE), name="proj_out", **dense
         )(h)
         return x + h
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Single-head ``softmax(q k^T / sqrt(C)) v`` for (B, L, C) queries, keys and values.
+
+    Through ``jax.nn.dot_product_attention`` (``implementation=None``: JAX picks the
+    kernel, cuDNN's fused one on GPUs where it applies, XLA's elsewhere), whose logits
+    are accumulated and whose softmax is computed in float32 under bfloat16 or float16
+    inputs, the output in the inputs' dtype. That function's softmax is float32 for every
+    input dtype, so for inputs wider than float32 (float64 references and derivative
+    checks) the same formula is written out in the inputs' dtype.
+    """
+    if jnp.finfo(q.dtype).bits > 32:
+        logits = jnp.einsum("bqc,bkc->bqk", q, k) * (q.shape[-1] ** -0.5)
+        return jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(logits, axis=-1), v)
+    out = jax.nn.dot_product_attention(q[:, :, None], k[:, :, None], v[:, :, None],
+                                       implementation=None)
+    return out[:, :, 0]
 
 
 class Downsample(nn.Module):
@@ -182,8 +196,7 @@ class Downsample(nn.Module):
     with_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"
-    conv_impl: str = "xla"
+    cpu_kernels: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -196,8 +209,7 @@ class Downsample(nn.Module):
             kernel_init=default_init(),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
-            weight_grad=self.conv_weight_grad,
-            impl=self.conv_impl,
+            cpu_kernels=self.cpu_kernels,
             name="conv",
         )(x)
 
@@ -212,8 +224,7 @@ class Upsample(nn.Module):
     with_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"
-    conv_impl: str = "xla"
+    cpu_kernels: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -225,7 +236,7 @@ class Upsample(nn.Module):
             ).reshape(batch, 2 * height, 2 * width, channels)
         return _UpsampleConv(
             x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-            weight_grad=self.conv_weight_grad, impl=self.conv_impl, name="conv",
+            cpu_kernels=self.cpu_kernels, name="conv",
         )(x)
 
 
@@ -251,8 +262,7 @@ class _UpsampleConv(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    weight_grad: str = "auto"
-    impl: str = "xla"
+    cpu_kernels: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -273,8 +283,7 @@ class _UpsampleConv(nn.Module):
                 # Phase 0 reads (i - 1, i): pad one before; phase 1 reads (i, i + 1).
                 padding = ((1 - a, a), (1 - b, b))
                 phases.append(conv2d(
-                    x, kernels[a, b], (1, 1), padding, weight_grad=self.weight_grad,
-                    impl=self.impl))
+                    x, kernels[a, b], (1, 1), padding, cpu_kernels=self.cpu_kernels))
             rows.append(jnp.stack(phases, axis=3))  # (B, H, W, 2 [b], F)
         y = jnp.stack(rows, axis=2)  # (B, H, 2 [a], W, 2 [b], F)
         return y.reshape(batch, 2 * height, 2 * width, self.features) + bias.reshape(1, 1, 1, -1)
@@ -290,13 +299,15 @@ class GroupNorm(nn.Module):
     """Group normalisation (Wu and He 2018) over (H, W, channels of a group), NHWC.
 
     Computes what flax's ``nn.GroupNorm(num_groups, epsilon, use_fast_variance=False)``
-    computes, with the same ``scale`` and ``bias`` parameters: float32 statistics, the
-    two-pass variance, ``(x - mean) * (rsqrt(var + eps) * scale) + bias``. Two things make
-    it faster on the train step: statistics are summed per channel first, in the NHWC
-    layout (a grouped (..., G, C/G) layout leaves a minor axis of 2 to 8 elements that does
-    not vectorise), and the gradient is written out (`_group_norm_bwd`: one reduction pass
-    and one elementwise pass, where differentiating the two-pass statistics takes several
-    of each). Outputs agree with flax's to float rounding.
+    computes, with the same ``scale`` and ``bias`` parameters: float32 (or wider)
+    statistics, the two-pass variance, ``y = xhat * scale + bias`` with
+    ``xhat = (x - mean) * rsqrt(var + eps)``. Statistics are summed per channel first, in
+    the NHWC layout (a grouped (..., G, C/G) layout leaves a minor axis of 2 to 8 elements
+    that does not vectorise). Its derivative is a ``custom_jvp`` (`_group_norm_jvp`): one
+    reduction pass and one elementwise pass, linear in the tangents, so JAX transposes it
+    for reverse mode and differentiates it again for higher orders; ``jvp``, ``grad``,
+    ``linearize``, ``jacfwd`` and Hessian-vector products all work. Outputs agree with
+    flax's to float rounding.
     """
 
     num_groups: int = _NUM_GROUPS
@@ -331,45 +342,49 @@ def _spatial(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape(v.shape[:1] + (1,) * (ndim - 2) + v.shape[1:])
 
 
-def _group_norm_fwd(x, scale, bias, num_groups, epsilon, dtype):
+def _normalise(x, num_groups, epsilon):
+    """(xhat, rstd) of ``x`` in float32 or wider: xhat = (x - mean) * rstd per group and
+    example, rstd = rsqrt(var + epsilon) (two-pass variance), rstd as (B, 1, .., 1, C)."""
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     count = math.prod(x.shape[1:]) // num_groups  # elements per group and example
     mean = _spatial(_group_means(_per_channel_sums(xf), num_groups, count), x.ndim)
     centred = xf - mean
     var = _group_means(_per_channel_sums(jnp.square(centred)), num_groups, count)
     rstd = _spatial(jax.lax.rsqrt(var + epsilon), x.ndim)
-    channel_shape = (1,) * (x.ndim - 1) + scale.shape
-    y = centred * (rstd * scale.reshape(channel_shape)) + bias.reshape(channel_shape)
-    return y.astype(dtype), (x, mean, rstd, scale)
+    return centred * rstd, rstd
 
 
-def _group_norm_bwd(num_groups, epsilon, dtype, residuals, dy):
-    """With xhat = (x - mean) * rstd and g = dy * scale, per group of n elements:
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); dscale = sum dy * xhat and
-    dbias = sum dy over every axis but the channels. One reduction pass (per-channel
-    sums of dy and dy * xhat) and one elementwise pass."""
-    del epsilon, dtype
-    x, mean, rstd, scale = residuals
-    f32 = jnp.promote_types(x.dtype, jnp.float32)
-    xhat = (x.astype(f32) - mean) * rstd
-    dyf = dy.astype(f32)
-    sum_dy, sum_dy_xhat = _per_channel_sums(dyf), _per_channel_sums(dyf * xhat)
+def _channels(v: jax.Array, ndim: int) -> jax.Array:
+    """(C,) -> (1, ..., 1, C)."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _group_norm_fn(x, scale, bias, num_groups, epsilon, dtype):
+    xhat, _ = _normalise(x, num_groups, epsilon)
+    y = xhat * _channels(scale, x.ndim) + _channels(bias, x.ndim)
+    return y.astype(dtype)
+
+
+@_group_norm_fn.defjvp
+def _group_norm_jvp(num_groups, epsilon, dtype, primals, tangents):
+    """With xhat = (x - mean) * rstd, per group of n elements (Wu and He 2018, eq. 1-3
+    differentiated): dxhat = rstd * (dx - mean(dx) - xhat * mean(dx * xhat)), and
+    dy = dxhat * scale + xhat * dscale + dbias. One reduction pass (per-channel sums of
+    dx and dx * xhat) and one elementwise pass."""
+    x, scale, bias = primals
+    dx, dscale, dbias = tangents
+    xhat, rstd = _normalise(x, num_groups, epsilon)
+    y = xhat * _channels(scale, x.ndim) + _channels(bias, x.ndim)
     count = math.prod(x.shape[1:]) // num_groups
-    mean_g = _spatial(_group_means(sum_dy * scale[None], num_groups, count), x.ndim)
-    mean_g_xhat = _spatial(
-        _group_means(sum_dy_xhat * scale[None], num_groups, count), x.ndim)
-    dx = rstd * (dyf * scale.reshape((1,) * (x.ndim - 1) + scale.shape) - mean_g
-                 - xhat * mean_g_xhat)
-    dscale, dbias = sum_dy_xhat.sum(0), sum_dy.sum(0)
-    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
-
-
-_group_norm_fn = jax.custom_vjp(
-    lambda x, scale, bias, num_groups, epsilon, dtype: _group_norm_fwd(
-        x, scale, bias, num_groups, epsilon, dtype)[0],
-    nondiff_argnums=(3, 4, 5),
-)
-_group_norm_fn.defvjp(_group_norm_fwd, _group_norm_bwd)
+    dxf = dx.astype(xhat.dtype)
+    mean_dx = _spatial(_group_means(_per_channel_sums(dxf), num_groups, count), x.ndim)
+    mean_dx_xhat = _spatial(
+        _group_means(_per_channel_sums(dxf * xhat), num_groups, count), x.ndim)
+    dxhat = rstd * (dxf - mean_dx - xhat * mean_dx_xhat)
+    dy = (dxhat * _channels(scale, x.ndim) + xhat * _channels(dscale, x.ndim)
+          + _channels(dbias, x.ndim))
+    return y.astype(dtype), dy.astype(dtype)
 
 
 class UNet(nn.Module):
@@ -394,13 +409,9 @@ class UNet(nn.Module):
       resamp_with_conv: use convs in the down/upsampling layers (DDPM: True).
       dtype: compute dtype of convs and dense layers (e.g. ``jnp.bfloat16``).
       param_dtype: dtype of the parameters.
-      conv_weight_grad: how the convolutions' weight gradients are computed: 'auto',
-        'xla' or 'dilated' (`diffusion_jax.models.conv`; the same values, a faster
-        program on the CPU). 'auto' takes 'dilated' for float32 on the CPU backend.
-      conv_impl: who computes the convolutions: 'xla' (with ``conv_weight_grad``),
-        'onednn' (oneDNN through XLA's FFI, float32 on the CPU, split over the batch;
-        `diffusion_jax.models.onednn`) or 'auto' (oneDNN for float32 on the CPU where it
-        can be built, else XLA; `diffusion_jax.models.conv.resolve_impl`).
+      cpu_kernels: 'none' (default: XLA's convolutions, every backend, every
+        transformation) or an opt-in set of float32 CPU kernels, 'dilated' or 'onednn'
+        (reverse-mode differentiation only; `diffusion_jax.models.conv`).
       dropout_rng: how the dropout masks are drawn: 'hash' (a counter-based hash, fast
         on every backend) or 'jax' (``jax.random.bernoulli``, flax's ``nn.Dropout``);
         see `diffusion_jax.models.dropout`.
@@ -417,9 +428,8 @@ class UNet(nn.Module):
     resamp_with_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    conv_weight_grad: str = "auto"
     dropout_rng: str = "hash"
-    conv_impl: str = "xla"
+    cpu_kernels: str = "none"
 
     @nn.compact
     def __call__(
@@ -437,13 +447,14 @@ class UNet(nn.Module):
           train: enables dropout, which then draws from the ``'dropout'`` rng.
 
         Returns:
-          float32 array of shape (B, H, W, out_channels or C).
+          float32 (float64 for dtype float64) array of shape (B, H, W, out_channels or C).
         """
         self._check_inputs(x, t, y)
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        impl, _ = conv_lib.resolve_impl(self.conv_impl, self.dtype)
-        conv_kwargs = dict(kwargs, conv_weight_grad=self.conv_weight_grad, conv_impl=impl)
-        conv = dict(kwargs, weight_grad=self.conv_weight_grad, impl=impl)
+        if self.cpu_kernels not in conv_lib.CPU_KERNELS:
+            raise ValueError(f"UNet cpu_kernels must be one of {list(conv_lib.CPU_KERNELS)}; "
+                             f"got {self.cpu_kernels!r}.")
+        conv = dict(kwargs, cpu_kernels=self.cpu_kernels)
         out_channels = self.out_channels or x.shape[-1]
 
         temb = timestep_embedding(t, self.ch)
@@ -459,7 +470,7 @@ class UNet(nn.Module):
 
         def resnet_block(h, out_ch, name):
             return ResnetBlock(out_ch, self.dropout, dropout_rng=self.dropout_rng, name=name,
-                               **conv_kwargs)(
+                               **conv)(
                 h, temb, train=train)
 
         # Downsampling: keep every intermediate output as a skip connection.
@@ -472,7 +483,7 @@ class UNet(nn.Module):
                 hs.append(h)
             if level != len(self.ch_mult) - 1:
                 name = f"down_{level}_downsample"
-                hs.append(Downsample(self.resamp_with_conv, name=name, **conv_kwargs)(hs[-1]))
+                hs.append(Downsample(self.resamp_with_conv, name=name, **conv)(hs[-1]))
 
         # Middle.
         h = hs[-1]
@@ -489,7 +500,7 @@ class UNet(nn.Module):
                     h = AttnBlock(name=f"up_{level}_attn_{block}", **kwargs)(h)
             if level != 0:
                 name = f"up_{level}_upsample"
-                h = Upsample(self.resamp_with_conv, name=name, **conv_kwargs)(h)
+                h = Upsample(self.resamp_with_conv, name=name, **conv)(h)
         assert not hs, "every skip connection must be consumed"
 
         h = nn.swish(_group_norm(self, "norm_out")(h))
@@ -500,7 +511,7 @@ class UNet(nn.Module):
             name="conv_out",
             **conv,
         )(h)
-        return h.astype(jnp.float32)
+        return h.astype(jnp.promote_types(self.dtype, jnp.float32))  # float64 stays
 
     def _check_inputs(self, x: jax.Array, t: jax.Array, y: jax.Array | None) -> None:
         """Static (trace-time) checks of the configuration and the input shapes."""

@@ -9,11 +9,9 @@ fails):
   image_size, resize, mock, mock_num_examples, prefetch).
 - ``model``: ``name`` ('unet' | 'mlp'); U-Net fields ch, ch_mult, num_res_blocks,
   attn_resolutions, dropout, num_classes, dtype ('float32' | 'bfloat16' compute),
-  conv_weight_grad ('auto' | 'xla' | 'dilated': the program of the convolutions' weight
-  gradients, `diffusion_jax.models.conv`), conv_impl ('auto' | 'xla' | 'onednn': who
-  computes the convolutions; 'onednn' is float32 on a CPU, data parallel over any mesh,
-  `diffusion_jax.models.onednn`; 'auto' takes it where it applies and can be built, else
-  'xla', `diffusion_jax.models.conv.resolve_impl`), dropout_rng ('hash' | 'jax': how dropout
+  cpu_kernels ('none': XLA's convolutions, the default; opt-in float32 CPU kernels
+  'dilated' or 'onednn', the latter from the install extra ``.[onednn]``, checked at
+  config time, `diffusion_jax.models.conv`), dropout_rng ('hash' | 'jax': how dropout
   masks are drawn, `diffusion_jax.models.dropout`); MLP fields features, activation,
   per_step_readout; DiT fields under ``model.dit`` (patch_size, hidden_size, depth,
   num_heads, mlp_ratio, remat (recompute block activations in the
@@ -79,10 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.attn_resolutions = (16,)
     c.model.dropout = 0.1
     c.model.dropout_rng = "hash"
-    c.model.conv_impl = "auto"
+    c.model.cpu_kernels = "none"
     c.model.num_classes = config_dict.placeholder(int)
     c.model.dtype = "float32"
-    c.model.conv_weight_grad = "auto"
     c.model.features = (128, 128, 128)
     c.model.activation = "swish"
     c.model.per_step_readout = False

@@ -28,9 +28,14 @@ MODEL_DEFINING_FIELDS = (
     "objective", "data.name", "data.image_size", "diffusion.schedule",
     "diffusion.num_timesteps", "diffusion.mean_type", "diffusion.var_type",
     "diffusion.decoder_type", "model",
+    # The continuous-time objectives: the process and the network's output parameterisation.
+    "sde.name", "sde.beta_min", "sde.beta_max", "sde.sigma_min", "sde.sigma_max",
+    "sde.num_scales", "sde.parameterization", "edm.preconditioning", "edm.sigma_data",
+    "flow.path", "flow.time_scale",
 )
 # Model fields that choose how the same function is computed, not which function.
-_HOW_COMPUTED = {"conv_impl", "conv_weight_grad", "dropout", "dropout_rng", "dtype"}
+_HOW_COMPUTED = {"cpu_kernels", "conv_impl", "conv_weight_grad", "dropout", "dropout_rng",
+                 "dtype", "remat"}
 
 
 def _to_dict(config) -> dict:

@@ -70,15 +70,10 @@ def _validate_ddpm(config: ml_collections.ConfigDict) -> None:
     gaussian.check_choice("diffusion.decoder_type", d.decoder_type, losses.DECODER_TYPES)
     gaussian.check_choice("model.name", config.model.name, MODEL_NAMES)
     gaussian.check_choice("model.dtype", config.model.dtype, tuple(DTYPES))
-    gaussian.check_choice("model.conv_weight_grad", config.model.conv_weight_grad,
-                          conv.WEIGHT_GRADS)
     gaussian.check_choice("model.dropout_rng", config.model.dropout_rng, dropout.DROPOUT_RNGS)
-    gaussian.check_choice("model.conv_impl", config.model.conv_impl, conv.IMPL_CHOICES)
-    if config.model.conv_impl == "onednn" and config.model.dtype != "float32":
-        raise ValueError(
-            f"model.conv_impl='onednn' computes in float32; model.dtype is "
-            f"{config.model.dtype!r}. Use model.conv_impl='xla' for other dtypes."
-        )
+    gaussian.check_choice("model.cpu_kernels", config.model.cpu_kernels, conv.CPU_KERNELS)
+    if config.model.name == "unet" and config.model.dtype in DTYPES:
+        conv.check_cpu_kernels(config.model.cpu_kernels, DTYPES[config.model.dtype])
     gaussian.check_choice("sample.sampler", config.sample.sampler, SAMPLERS)
     gaussian.check_choice("sample.spacing", config.sample.spacing, SPACINGS)
     _require_positive_int("diffusion.num_timesteps", d.num_timesteps)
