@@ -16,11 +16,15 @@ What it measures, on the default device (one chip):
 - ``sample``: ancestral (T = 1000 network evaluations), DDIM and DPM-Solver++
   (``--sample-steps`` each) sampling throughput, images/s;
 - ``bound``: `likelihood.calc_bpd_loop` over the full T = 1000 (every term of the
-  variational bound), seconds per batch and images/s.
+  variational bound), seconds per batch and images/s;
+- ``dit``: a DiT-B/2 train step in the paper's 256x256 latent setting (32x32x4 latents,
+  1000 classes, learned sigma, bfloat16 compute), batch 32, through
+  ``experiments/dit_step.py``: compile seconds, images/s, the losses (checked finite) and
+  the device's peak bytes in use.
 
 ``--tiny`` shrinks everything (a two-level U-Net with ch 32 on 8x8 images, small
-batches and matmuls, T = 25: the linear schedule needs T > 20), so that the script runs
-on a CPU in about a minute; the test suite runs it that way
+batches and matmuls, T = 25: the linear schedule needs T > 20; a one-block DiT-S/8),
+so that the script runs on a CPU; the test suite runs it that way
 (tests/test_accelerator_check.py).
 """
 
@@ -37,6 +41,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python experiments/accelerator_check.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import importlib.util  # noqa: E402
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -49,10 +55,12 @@ from diffusion_jax.training.state import TrainState, make_optimizer  # noqa: E40
 
 FULL = dict(image=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn=(16,),
             train_batch=128, sample_batch=256, bound_batch=64, num_timesteps=1000,
-            peak_sizes=(4096, 8192, 16384), steps=10)
+            peak_sizes=(4096, 8192, 16384), steps=10,
+            dit=dict(size="DiT-B/2", overrides={}, batch=32, steps=5))
 TINY = dict(image=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn=(4,),
             train_batch=4, sample_batch=4, bound_batch=2, num_timesteps=25,
-            peak_sizes=(128, 256), steps=2)
+            peak_sizes=(128, 256), steps=2,
+            dit=dict(size="DiT-S/8", overrides={"depth": 1}, batch=8, steps=2))
 
 
 def _median_seconds(fn, *, steps: int, warmup: int = 1) -> list[float]:
@@ -195,6 +203,19 @@ def check_bound(sizes: dict) -> dict[str, Any]:
             "mean_total_bpd_of_untrained_model": float(np.mean(total))}
 
 
+def check_dit(sizes: dict) -> dict[str, Any]:
+    """The DiT train step of ``experiments/dit_step.py``, data parallel over every device
+    (on the one-chip machine the check is for, that chip alone)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dit_step.py")
+    spec = importlib.util.spec_from_file_location("dit_step", path)
+    dit_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dit_step)
+    d = sizes["dit"]
+    config, info = dit_step.dit_latent_config(d["size"], dit_overrides=d["overrides"])
+    report = dit_step.run(config, info, global_batch=d["batch"], steps=d["steps"])
+    return {"size": d["size"], **d["overrides"], **report}
+
+
 def run(tiny: bool = False, sample_steps: int = 50) -> dict[str, Any]:
     sizes = TINY if tiny else FULL
     start = time.perf_counter()
@@ -208,6 +229,7 @@ def run(tiny: bool = False, sample_steps: int = 50) -> dict[str, Any]:
     result["train"] = check_train(sizes, result["peak"]["flops_per_s"])
     result["sample"] = check_sampling(sizes, sample_steps)
     result["bound"] = check_bound(sizes)
+    result["dit"] = check_dit(sizes)
     result["total_s"] = time.perf_counter() - start
     return result
 

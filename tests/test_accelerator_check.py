@@ -7,6 +7,8 @@ import json
 import math
 import pathlib
 
+import jax
+
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "accelerator_check.py"
 
 
@@ -35,6 +37,9 @@ def test_tiny_run_reports_every_measurement(tmp_path, capsys):
     assert result["bound"]["num_timesteps"] == 25
     assert math.isfinite(result["bound"]["mean_total_bpd_of_untrained_model"])
     assert math.isfinite(result["train"]["loss"])
+    dit = result["dit"]
+    assert dit["finite"] and len(dit["losses"]) == 2 and dit["images_per_s"] > 0
+    assert dit["mesh"] == {"data": jax.device_count(), "fsdp": 1} and dit["global_batch"] == 8
 
 
 def test_bad_sample_steps_is_a_usage_error(capsys):
