@@ -46,6 +46,11 @@ Cases (``--cases``, comma-separated):
   images per second;
 - ``bpd``: `likelihood.calc_bpd_loop`, every term of the bound over ``--bpd-timesteps``
   steps (the full T = 1000 by default) in one compiled loop;
+- ``ode_bpd``: `likelihood.ode_bpd`, bits/dim under the probability-flow ODE of the eval
+  model read as a score model through its DDPM schedule's VP SDE (Hutchinson divergence,
+  one dequantization draw, Tsit5 with rtol = atol = ``--ode-tol``), one compiled solve
+  per example, the batch split over every device; images/s and the network evaluations
+  (NFE) per example;
 - ``data``: the input pipeline alone (mocked CIFAR-10 through TFDS + grain, the same
   reader threads and batch function as training), images/s, with and without prefetch;
 - ``loop``: ``train.train_and_evaluate`` itself on mocked CIFAR-10 with the ``small``
@@ -124,6 +129,7 @@ from configs import ddpm_cifar  # noqa: E402
 # The PyTorch side's script imports nothing beyond the standard library until it runs.
 from experiments import benchmark_torch  # noqa: E402
 from diffusion_jax import data, likelihood, sampling, schedules  # noqa: E402
+from diffusion_jax import sde as sde_lib, sde_losses  # noqa: E402
 from diffusion_jax.models import conv as conv_lib  # noqa: E402
 from diffusion_jax.models import onednn as onednn_lib  # noqa: E402
 from diffusion_jax.training import mesh as mesh_lib  # noqa: E402
@@ -139,7 +145,7 @@ MODELS = {
     "micro": (32, (1,), 1, ()),  # --quick: one level (no resampling), compiles in seconds
 }
 SAMPLERS = sampling.SAMPLERS
-ALL_CASES = ("train", "conv", "sample", "bpd", "data", "loop")
+ALL_CASES = ("train", "conv", "sample", "bpd", "ode_bpd", "data", "loop")
 CONV_KINDS = benchmark_torch.CONV_KINDS
 # The conv case's JAX kernels: PyTorch's kinds and the dilated weight gradient, which is
 # compared with PyTorch's weight gradient.
@@ -820,6 +826,42 @@ def bench_bpd(args, peaks: dict) -> dict[str, Any]:
     return case
 
 
+def bench_ode_bpd(args, peaks: dict) -> dict[str, Any]:
+    """`likelihood.ode_bpd` of the eval model as a score model (eps through the VP SDE of
+    its T-step schedule): one timed call of the compiled solve; images/s and NFE."""
+    config, model, params = _eval_model(args, args.bpd_timesteps)
+    d = config.diffusion
+    sde = sde_lib.DDPMVPSDE.from_schedule(schedules.get_schedule(d.schedule, d.num_timesteps))
+    apply = _apply(model)
+
+    def bpd(params, x, key):
+        score_fn = sde_losses.score_fn_from_model(
+            sde, jax.tree_util.Partial(apply, params), "eps")
+        out = likelihood.ode_bpd(sde, score_fn, x, key=key, divergence="hutchinson",
+                                 rtol=args.ode_tol, atol=args.ode_tol)
+        return out["bpd"], out["nfe"][0]
+
+    mesh = sub_mesh(None)
+    replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.data_sharded(mesh)
+    levels = np.random.default_rng(0).integers(0, 256, (args.bpd_batch,) + CIFAR_INFO.shape)
+    x = jax.device_put((levels / 127.5 - 1.0).astype(np.float32), sharded)
+    key = jax.random.key(4)
+    jitted = jax.jit(bpd, in_shardings=(replicated, sharded, replicated),
+                     out_shardings=(sharded, sharded))
+    compiled, _, compile_s = compile_timed(jitted, params, x, key)
+    times, (bpd_values, nfe) = time_calls(lambda: compiled(params, x, key), steps=1, warmup=0)
+    step_s = statistics.median(times)
+    return {
+        "case": "ode_bpd", "model": args.eval_model, "dtype": args.eval_dtype,
+        "batch": args.bpd_batch, "devices": mesh.size, "num_timesteps": args.bpd_timesteps,
+        "rtol": args.ode_tol, "atol": args.ode_tol, "divergence": "hutchinson",
+        "compile_s": compile_s, "step_s": step_s, "images_per_s": args.bpd_batch / step_s,
+        "nfe_mean": float(np.mean(nfe)), "nfe_max": int(np.max(nfe)),
+        "mean_bpd_of_untrained_model": float(np.mean(bpd_values)),
+        "load_average": load_average(),
+    }
+
+
 def _mock_cifar_config(prefetch: int) -> dict[str, Any]:
     return {"name": "cifar10", "mock": True, "mock_num_examples": 1024, "random_flip": True,
             "prefetch": prefetch}
@@ -953,6 +995,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--bpd-batch", type=int, default=2)
     p.add_argument("--bpd-timesteps", type=int, default=1000)
+    p.add_argument("--ode-tol", type=float, default=1e-5,
+                   help="rtol = atol of the ode_bpd case's adaptive solve")
     p.add_argument("--data-batch", type=int, default=128)
     p.add_argument("--data-batches", type=int, default=50)
     p.add_argument("--prefetch", type=int, default=4, help="data.prefetch for data and loop")
@@ -1016,7 +1060,7 @@ def apply_quick(args) -> None:
     args.steps, args.eval_steps, args.eval_model, args.loop_model = 2, 1, "micro", "micro"
     args.warmup = 1
     args.sample_batch = args.bpd_batch = devices
-    args.sample_steps, args.bpd_timesteps = 2, 50
+    args.sample_steps, args.bpd_timesteps, args.ode_tol = 2, 50, 1e-2
     args.data_batch, args.data_batches, args.loop_steps = 16, 3, 4
     args.peak_size = args.peak_size or 256
 
@@ -1070,6 +1114,8 @@ def run(args) -> dict[str, Any]:
         add(bench_sampling(args, peaks))
     if "bpd" in cases_wanted:
         add(bench_bpd(args, peaks))
+    if "ode_bpd" in cases_wanted:
+        add(bench_ode_bpd(args, peaks))
     if "data" in cases_wanted:
         add(bench_data(args))
     if "loop" in cases_wanted:
@@ -1156,6 +1202,8 @@ def markdown_table(result: dict[str, Any]) -> str:
                 "sample": f"sample, {c.get('sampler')}, {c.get('network_evals')} evaluations"
                           f"{_impl_label(c)}",
                 "bpd": f"bound, T = {c.get('num_timesteps')}{_impl_label(c)}",
+                "ode_bpd": f"ODE bits/dim, T = {c.get('num_timesteps')}, rtol {c.get('rtol')}"
+                           f", NFE {c.get('nfe_mean', 0):.0f} per image",
                 "data": f"input pipeline, prefetch {c.get('prefetch')}",
                 "train_loop": f"train loop, {c.get('model')} U-Net{_impl_label(c)}, input "
                               f"wait {100 * (c.get('data_wait_fraction') or 0):.2f} %"}[c["case"]]

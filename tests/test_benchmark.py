@@ -51,7 +51,7 @@ def quick_result(tmp_path_factory):
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--cpu-devices=2", "--meshes=1",
-         "--dtypes=float32", "--samplers=ddim", "--cases=train,conv,sample,bpd,data",
+         "--dtypes=float32", "--samplers=ddim", "--cases=train,conv,sample,bpd,ode_bpd,data",
          f"--profile-dir={out.parent / 'trace'}", f"--out={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -117,7 +117,7 @@ def test_quick_mode_sampling_bound_and_data_cases(quick_result):
     by_case = {}
     for c in quick_result["cases"]:
         by_case.setdefault(c["case"], []).append(c)
-    assert set(by_case) == {"train_step", "conv", "sample", "bpd", "data"}
+    assert set(by_case) == {"train_step", "conv", "sample", "bpd", "ode_bpd", "data"}
     (sample,) = by_case["sample"]
     assert sample["sampler"] == "ddim" and sample["network_evals"] == 2
     assert sample["batch"] == 2 and sample["devices"] == 2
@@ -130,7 +130,13 @@ def test_quick_mode_sampling_bound_and_data_cases(quick_result):
     assert bpd["model_flops"] == pytest.approx(50 / 2 * sample["model_flops"], rel=0.01)
     assert 0 < bpd["mean_total_bpd_of_untrained_model"] < 100
     assert {c["prefetch"] for c in by_case["data"]} == {4, 0}
-    for case in sample, bpd, *by_case["data"]:
+    # The probability-flow ODE's bits/dim: an adaptive solve per image (6 evaluations a
+    # Tsit5 step, plus the first), both images over the two devices.
+    (ode,) = by_case["ode_bpd"]
+    assert ode["devices"] == 2 and ode["batch"] == 2 and ode["rtol"] == 1e-2
+    assert ode["nfe_max"] >= ode["nfe_mean"] >= 7 and (ode["nfe_max"] - 1) % 6 == 0
+    assert np.isfinite(ode["mean_bpd_of_untrained_model"])
+    for case in sample, bpd, ode, *by_case["data"]:
         assert _positive(case["images_per_s"]) and _positive(case["step_s"])
 
 
