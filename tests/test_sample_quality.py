@@ -37,13 +37,40 @@ def test_digits_fid_training_vs_held_out_is_small_and_noise_is_large():
     train_digits, _ = digits.digits_split("train")
     held_out, _ = digits.digits_split("test")
     noise = np.random.default_rng(0).random((297, 8, 8, 1), dtype=np.float32)
-    floor = digits.digits_fid(train_digits, held_out)
-    assert floor < 30  # measured: 15.4
-    assert digits.digits_fid(noise, held_out) > 8 * floor  # measured: 270
+    shift = digits.digits_fid(train_digits, held_out)
+    assert shift < 30  # measured: 15.8
+    assert digits.digits_fid(noise, held_out) > 8 * shift  # measured: 377
     # Enlarged ('nearest') digits give the same features as the native ones.
     big = np.repeat(np.repeat(held_out, 2, axis=1), 2, axis=2)
     np.testing.assert_allclose(digits.train_digits_classifier().features(big),
                                digits.train_digits_classifier().features(held_out), rtol=1e-5)
+
+
+def test_digits_fid_floor_is_what_exact_samples_of_the_training_distribution_score():
+    """The report's floor: digits of the comparison half against the reference half.
+    Exact samples of the training distribution that are not reference digits score about
+    the floor; corrupted digits and digits of other writers (the held-out ones) above it."""
+    reference_idx, comparison_idx = digits.reference_halves()
+    assert len(reference_idx) == len(comparison_idx) == 750
+    assert len(np.union1d(reference_idx, comparison_idx)) == 1500
+    # Both halves hold every part of the writer-ordered data (150 of each 300 expected).
+    assert all(100 < np.sum((reference_idx >= b) & (reference_idx < b + 300)) < 200
+               for b in range(0, 1500, 300))
+    train_digits, _ = digits.digits_split("train")
+    rng = np.random.default_rng(7)
+    n = 500
+    exact = train_digits[rng.choice(comparison_idx, n, replace=False)]
+    report = digits.digits_fid_report(exact, seed=1)
+    floor, std = report["digits_fid_floor"], report["digits_fid_floor_std"]
+    assert report["digits_fid_num_samples"] == report["digits_fid_floor_num"] == n
+    assert floor < 6  # measured: 2.8 +- 0.2 (seed 0), 3.9 +- 0.9 (seed 1) at N = 500
+    assert abs(report["digits_fid"] - floor) < 4 * std + 0.5  # a draw of the same kind
+    noisy = np.clip(exact + 0.3 * rng.standard_normal(exact.shape), 0, 1).astype(np.float32)
+    assert digits.digits_fid_report(noisy)["digits_fid"] > 2 * floor
+    held_out, _ = digits.digits_split("test")
+    other_writers = digits.digits_fid_report(held_out)
+    assert other_writers["digits_fid"] > other_writers["digits_fid_floor"] + 5  # 18.5 vs 5.6
+    assert other_writers["digits_fid_held_out"] < 1e-6
 
 
 def test_toy_digits_run_quick_start_figures_and_fid_modes(tmp_path):
@@ -64,10 +91,11 @@ def _check_quick_start_report(workdir):
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     report = next(x for x in lines if "digits_fid" in x)
     assert report["digits_fid_num_samples"] == 100
-    held_out, _ = digits.digits_split("test")
+    train_digits, _ = digits.digits_split("train")
+    reference = train_digits[digits.reference_halves()[0]]
     noise = np.random.default_rng(1).random((100, 8, 8, 1), dtype=np.float32)
-    noise_fid = digits.digits_fid(noise, held_out)
-    # floor < samples < noise (measured at 150 steps: about 23 < 61, far below noise)
+    noise_fid = digits.digits_fid(noise, reference)
+    # floor < samples < noise (at 150 steps of the tiny model, 100 samples)
     assert report["digits_fid_floor"] < report["digits_fid"] < noise_fid / 2
 
 

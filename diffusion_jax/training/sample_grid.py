@@ -17,6 +17,10 @@ __all__ = ["SampleGrid"]
 class SampleGrid:
     """Draws ``config.sample.num_samples`` samples from EMA parameters and writes a grid.
 
+    On the digits, each grid also logs the digits FID (`sample_quality.log_digits_fid`)
+    of ``max(sample.num_samples, fid.num_samples)`` samples, the grid's among them: with
+    64-d features a covariance from 100 samples is mostly estimation noise.
+
     The sampler is jitted once here, for one batch shape (``sample.batch_size`` rounded
     up to a multiple of the mesh size, at most the samples needed), and every grid of the
     run reuses that compiled program. Batch ``i`` of the grid at ``step`` draws with
@@ -24,9 +28,11 @@ class SampleGrid:
     """
 
     def __init__(self, objective, config, key, sharding):
-        self.num = config.sample.num_samples
+        self.grid_num = config.sample.num_samples
         self.upscale = config.sample.grid_upscale
         self.digits_fid = config.data.name == "digits"  # logged with each grid
+        self.num = (max(self.grid_num, config.fid.num_samples) if self.digits_fid
+                    else self.grid_num)
         self.key = key
         size = sharding.mesh.size
         batch = min(config.sample.batch_size, self.num)
@@ -39,7 +45,7 @@ class SampleGrid:
         )
 
     def draw(self, params, step: int) -> np.ndarray:
-        """``num_samples`` samples (NumPy, on every process)."""
+        """``self.num`` samples (NumPy, on every process)."""
         key = jax.random.fold_in(self.key, step)
         chunks, done = [], 0
         while done < self.num:
@@ -50,7 +56,7 @@ class SampleGrid:
 
     def write(self, params, step: int, metric_writer) -> None:
         images = self.draw(params, step)
-        grid = writer.image_grid(images, upscale=self.upscale)
+        grid = writer.image_grid(images[: self.grid_num], upscale=self.upscale)
         path = metric_writer.write_image(step, "ema_samples", grid)
         if path is not None:
             logging.info("Wrote %s.", path)

@@ -242,9 +242,10 @@ def _set_metrics(config, generated, reference, p: str) -> dict:
 
 
 def log_digits_fid(samples, step: int, metric_writer) -> dict | None:
-    """Digits FID of a training run's final samples (in [-1, 1]) and its floor, logged and
-    written with the step's scalars; None (and a log line) where the images are not the
-    digits' grey 8k x 8k or there are too few for a covariance of the 64-d features."""
+    """Digits FID of a training run's samples (in [-1, 1]) and its floor
+    (`digits.digits_fid_report`), logged and written with the step's scalars; None (and a
+    log line) where the images are not the digits' grey 8k x 8k or there are too few for a
+    covariance of the 64-d features."""
     if len(samples) <= digits.FEATURE_DIM:
         logging.info("No digits FID: %d samples, more than %d needed.", len(samples),
                      digits.FEATURE_DIM)
@@ -255,10 +256,12 @@ def log_digits_fid(samples, step: int, metric_writer) -> dict | None:
         logging.info("No digits FID for these samples: %s", e)
         return None
     logging.info("Digits FID (digits classifier features, not Inception FID) of %d samples "
-                 "vs the held-out digits: %.2f; floor (held-out vs as many training digits): "
-                 "%.2f +- %.2f; classifier held-out accuracy %.3f.",
+                 "vs half of the training digits: %.2f; floor (%d digits of the other half): "
+                 "%.2f +- %.2f. Vs the held-out digits (other writers): %.2f (training "
+                 "digits: %.2f). Classifier held-out accuracy %.3f.",
                  report["digits_fid_num_samples"], report["digits_fid"],
-                 report["digits_fid_floor"], report["digits_fid_floor_std"],
-                 report["digits_classifier_accuracy"])
+                 report["digits_fid_floor_num"], report["digits_fid_floor"],
+                 report["digits_fid_floor_std"], report["digits_fid_held_out"],
+                 report["digits_fid_held_out_train"], report["digits_classifier_accuracy"])
     metric_writer.write_scalars(step, report)
     return report
