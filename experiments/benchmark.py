@@ -89,7 +89,8 @@ compiled program beside it as ``program.hlo.txt``; open the trace in Perfetto or
 TensorBoard) and adds ``profile`` to the case: the op time summed by kind (convolutions
 forward, input gradient and weight gradient, matmuls, reductions, collectives, data
 movement, the rest), each kind's share and, for convolutions and matmuls, GFLOP/s; the
-markdown gets a second table. ``op_time_by_kind(trace, program)`` sums a saved trace again.
+markdown gets a second table.
+``experiments.bench.op_profile.op_time_by_kind(trace, program)`` sums a saved trace again.
 
 Batches are global, split over the devices of the mesh (multiples of the device count).
 ``--cpu-kernels`` sets the U-Net's ``model.cpu_kernels`` for the float32 cases: 'none'
@@ -103,14 +104,9 @@ environment to try XLA options; the JSON records them.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import math
 import os
 import pathlib
-import platform
-import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -119,9 +115,7 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -131,11 +125,15 @@ from experiments import benchmark_torch  # noqa: E402
 from diffusion_jax import data, likelihood, sampling, schedules  # noqa: E402
 from diffusion_jax import sde as sde_lib, sde_losses  # noqa: E402
 from diffusion_jax.models import conv as conv_lib  # noqa: E402
-from diffusion_jax.models import onednn as onednn_lib  # noqa: E402
 from diffusion_jax.training import mesh as mesh_lib  # noqa: E402
 from diffusion_jax.training import objectives, step as step_lib  # noqa: E402
-from diffusion_jax.training.setup import DTYPES, create_model  # noqa: E402
+from diffusion_jax.training.setup import create_model  # noqa: E402
 from diffusion_jax.training.state import TrainState, make_optimizer  # noqa: E402
+from experiments.bench.flops import add_rates, xla_flops  # noqa: E402
+from experiments.bench.op_profile import OP_KINDS, profile_step  # noqa: E402
+from experiments.bench.timing import (  # noqa: E402
+    PEAK_HOW, best_peak, compile_timed, environment, load_average, measure_peak, memory_report,
+    peak_key, sub_mesh, time_calls)
 
 CIFAR_INFO = data.DataInfo("cifar10", "image", (32, 32, 3), 50_000, 10)
 # name -> (ch, ch_mult, num_res_blocks, attn_resolutions)
@@ -151,399 +149,6 @@ CONV_KINDS = benchmark_torch.CONV_KINDS
 # compared with PyTorch's weight gradient.
 JAX_CONV_KINDS = CONV_KINDS + ("weight_grad_dilated",)
 TORCH_MODELS = tuple(benchmark_torch.MODELS)  # the configurations it builds
-
-
-# --- measurement helpers --------------------------------------------------------------------
-
-
-def time_calls(fn: Callable[[], Any], *, steps: int, warmup: int) -> tuple[list[float], Any]:
-    """Wall seconds of ``steps`` calls of ``fn`` after ``warmup`` untimed ones, and the last
-    result; each call's result is waited for (``block_until_ready``), so the device time
-    is included."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times, result = [], None
-    for _ in range(steps):
-        start = time.perf_counter()
-        result = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times, result
-
-
-def compile_timed(jitted, *args):
-    """(compiled, model FLOPs, seconds for trace + lower + XLA compile) of ``jitted(*args)``."""
-    start = time.perf_counter()
-    traced = jitted.trace(*args)
-    compiled = traced.lower().compile()
-    seconds = time.perf_counter() - start
-    return compiled, model_flops(traced.jaxpr.jaxpr), seconds
-
-
-def xla_flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
-        analysis = analysis[0] if analysis else None
-    if not analysis or "flops" not in analysis:
-        return None
-    return float(analysis["flops"])
-
-
-def memory_report(compiled) -> dict[str, Any]:
-    """Compiled sizes (XLA memory analysis), device peak where reported, host peak RSS."""
-    out: dict[str, Any] = {}
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 -- not every backend implements it
-        stats = None
-    if stats is not None:
-        for name in ("argument", "output", "temp", "alias"):
-            out[f"{name}_bytes"] = int(getattr(stats, f"{name}_size_in_bytes"))
-    device_stats = jax.local_devices()[0].memory_stats()
-    if device_stats and "peak_bytes_in_use" in device_stats:
-        out["device_peak_bytes_in_use"] = int(device_stats["peak_bytes_in_use"])
-    # ru_maxrss is KiB on Linux (bytes on macOS): the process's high-water mark so far.
-    scale = 1 if sys.platform == "darwin" else 1024
-    out["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    return out
-
-
-def _subjaxprs(params: dict):
-    for value in params.values():
-        for sub in value if isinstance(value, (tuple, list)) else [value]:
-            if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                yield sub.jaxpr
-            elif isinstance(sub, jax.extend.core.Jaxpr):
-                yield sub
-
-
-_ONEDNN_CONV_PASSES = {target: kind for kind, target in onednn_lib.FFI_TARGETS.items()}
-
-
-def _onednn_pass_flops(kind: str, a, b, result) -> float | None:
-    """2 x multiply-adds of one oneDNN convolution pass (`diffusion_jax.models.onednn`)
-    from its operands' and result's shapes: every pass takes one multiply-add per element
-    of the (B, OH, OW, O) output-shaped array and per kernel element of its output
-    feature, as XLA's convolutions count. None when a shape is unknown."""
-    out, kernel = {"forward": (result, b), "input_grad": (a, b),
-                   "weight_grad": (b, result)}[kind]
-    return 2.0 * math.prod(out) * math.prod(kernel[:3]) if out and kernel else None
-
-
-def _onednn_conv_flops(eqn) -> float:
-    """`_onednn_pass_flops` of a jaxpr's FFI call."""
-    shapes = [v.aval.shape for v in (*eqn.invars, eqn.outvars[0])]
-    return _onednn_pass_flops(_ONEDNN_CONV_PASSES[eqn.params["target_name"]], *shapes)
-
-
-def model_flops(jaxpr) -> float:
-    """2 x multiply-adds of every convolution and dot in a jaxpr, loops multiplied out.
-
-    A convolution's output element takes one multiply-add per kernel element of its output
-    feature (padding included, as profilers count it); a dot's, one per contracted index.
-    ``scan`` bodies count ``length`` times; ``cond`` counts its costliest branch; a
-    ``while`` body (trip count unknown here) counts once.
-    """
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "conv_general_dilated":
-            out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
-            out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-            total += 2.0 * math.prod(out.shape) * math.prod(rhs.shape) / rhs.shape[
-                out_feature_dim]
-        elif name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval
-            contracted = math.prod(lhs.shape[d] for d in lhs_contract)
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * contracted
-        elif name == "ffi_call" and eqn.params.get("target_name") in _ONEDNN_CONV_PASSES:
-            total += _onednn_conv_flops(eqn)
-        elif name == "cond":
-            total += max(model_flops(b.jaxpr) for b in eqn.params["branches"])
-        else:
-            inner = sum(model_flops(sub) for sub in _subjaxprs(eqn.params))
-            total += inner * (eqn.params["length"] if name == "scan" else 1)
-    return total
-
-
-PEAK_HOW = (
-    "the best FLOP/s of every matmul peak measured in the run for the case's dtype and "
-    "device count: n x n x n products at n = --peak-size and --peak-size / 2, each the "
-    "fastest of its timed calls, measured at the start and next to each train case; on a "
-    "mesh of several devices every device multiplies its own pair at once (one sharded "
-    "batched matmul) and the FLOPs of all devices count")
-
-
-def measure_peak(dtype: str, n: int, reps: int, num_devices: int = 1) -> dict[str, Any]:
-    """The best FLOP/s of an n x n x n matmul in ``dtype`` (float32 accumulation as XLA
-    chooses) over the sizes n / 2 and n and ``reps`` timed calls each, on the first
-    ``num_devices`` devices at once (a batched matmul split over them: each device
-    multiplies its own pair). The best, not the median, so that it bounds what a
-    network's convolutions and matmuls reach on the same devices (`PEAK_HOW`)."""
-    mesh = sub_mesh(num_devices)
-    sharding = mesh_lib.data_sharded(mesh)
-    by_size = {}
-    for size in sorted({max(n // 2, 16), n}):
-        shape = (mesh.size, size, size)
-        a = jax.device_put(jax.random.normal(jax.random.key(0), shape).astype(dtype), sharding)
-        b = jax.device_put(jax.random.normal(jax.random.key(1), shape).astype(dtype), sharding)
-        matmul = jax.jit(jnp.matmul, out_shardings=sharding)
-        times, _ = time_calls(lambda: matmul(a, b), steps=reps, warmup=1)
-        by_size[str(size)] = mesh.size * 2.0 * size**3 / min(times)
-    return {"n": n, "devices": mesh.size, "flops_per_s": max(by_size.values()),
-            "best_flops_per_s_by_n": by_size}
-
-
-# --- where the time goes: one traced step, its ops grouped by kind -------------------------
-
-_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
-# Computations an instruction runs: fusions (calls=), loops (body=, condition=), reductions
-# (to_apply=), conditionals (branch_computations={...}).
-_CALLED = re.compile(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)|"
-                     r"branch_computations=\{([^}]*)\}")
-_SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
-OP_KINDS = ("conv forward", "conv input grad", "conv weight grad", "matmul", "reduction",
-            "collective", "data movement", "elementwise/other")
-# Ops that only move data (a fusion of these and of reshapes is "data movement").
-_MOVES = {"copy", "transpose", "reverse", "concatenate", "pad", "slice", "dynamic-slice",
-          "dynamic-update-slice"}
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-                "collective-permute", "collective-broadcast", "ragged-all-to-all")
-# Ops whose own trace event encloses the events of the ops they run: not counted.
-CONTAINERS = ("while", "call", "conditional")
-
-
-def _parse_hlo(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Instruction name -> its text, computation name -> its instructions' names."""
-    instrs: dict[str, str] = {}
-    comps: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        if line and not line[0].isspace() and line.rstrip().endswith("{"):
-            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
-            comps[current] = []
-            continue
-        match = _INSTR.match(line)
-        if match and current is not None:
-            instrs[match.group(1)] = match.group(2)
-            comps[current].append(match.group(1))
-    return instrs, comps
-
-
-def _opcode(instr_text: str) -> str:
-    """The opcode of an instruction's text (what follows ``%name = ``), '' if none."""
-    match = re.search(r"\s([\w\-]+)\(", " " + instr_text)
-    return match.group(1) if match else ""
-
-
-def _dims(shape_text: str) -> list[int] | None:
-    match = _SHAPE.match(shape_text)
-    return None if match is None else [int(d) for d in match.group(1).split(",") if d]
-
-
-def _operand_dims(line: str, opcode: str, index: int, instrs: dict[str, str]):
-    """Dims of the ``index``-th operand of ``opcode(...)`` in ``line``: printed before the
-    operand's name in some HLO texts (``f32[2,3]{1,0} %a``), looked up otherwise."""
-    args = line.split(f"{opcode}(", 1)[1]
-    operands = re.findall(r"((?:\w+\[[\d,]*\](?:\{[^}]*\})?\s+)?)%([\w.\-]+)", args)
-    if len(operands) <= index:
-        return None
-    printed, name = operands[index]
-    return _dims(printed.strip()) if printed else _dims(instrs.get(name, ""))
-
-
-def _conv(line: str, opcode: str, instrs: dict[str, str]):
-    """(kind, FLOPs) of a convolution: 2 x output elements x window x input features per
-    group. A weight gradient is a convolution whose window is larger than its output (XLA
-    writes dL/dW as a convolution of the input by dL/dy over the whole image); an input
-    gradient has ``transpose`` in its JAX op name. (For images smaller than the kernel the
-    two gradients cannot be told apart this way.)"""
-    out = _dims(line)
-    window = re.search(r"window=\{size=([\dx]+)", line)
-    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line)
-    size = [int(d) for d in window.group(1).split("x")] if window else [1]
-    lhs = _operand_dims(line, opcode, 0, instrs)
-    flops, spatial = None, None
-    if out and labels:
-        out_labels = labels.group(3)
-        spatial = math.prod(out[i] for i, c in enumerate(out_labels) if c.isdigit())
-        if lhs and len(lhs) == len(labels.group(1)):
-            groups = re.search(r"(?:feature|batch)_group_count=(\d+)", line)
-            feature = lhs[labels.group(1).index("f")]
-            flops = 2.0 * math.prod(out) * math.prod(size) * feature / (
-                int(groups.group(1)) if groups else 1)
-    if spatial is not None and math.prod(size) > spatial:
-        return "conv weight grad", flops
-    return ("conv input grad" if "transpose(" in line else "conv forward"), flops
-
-
-def _onednn_conv_op(line: str, kind: str, instrs: dict[str, str]):
-    """(kind, FLOPs) of one of `diffusion_jax.models.onednn`'s FFI calls, counted as
-    `_onednn_conv_flops` counts them in the jaxpr."""
-    dims = [_operand_dims(line, "custom-call", i, instrs) for i in (0, 1)] + [_dims(line)]
-    flops = _onednn_pass_flops(kind, *dims)
-    label = {"forward": "conv forward", "input_grad": "conv input grad",
-             "weight_grad": "conv weight grad"}[kind]
-    return label, flops
-
-
-def _dot_flops(line: str, instrs: dict[str, str]):
-    out = _dims(line)
-    lhs = _operand_dims(line, "dot", 0, instrs)
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
-    if out is None or not lhs or not contracting:
-        return None
-    dims = [int(d) for d in contracting.group(1).split(",") if d]
-    return 2.0 * math.prod(out) * math.prod(lhs[d] for d in dims)
-
-
-def classify_op(name: str, instrs: dict[str, str], comps: dict[str, list[str]]):
-    """(kind, FLOPs or None) of the compiled program's op ``name``, judged with the
-    instructions it calls (a fusion's): a convolution (`_conv`; also oneDNN's, and cuDNN's
-    forward / backward-input / backward-filter calls on a GPU), a matmul (``dot``, cuBLAS,
-    oneDNN), a reduction, a collective (all-reduce, all-gather, ...), data movement
-    (copies, transposes, concatenation, padding, slicing), or the rest (elementwise
-    fusions and small ops). Loops and calls (`CONTAINERS`) are None: their trace events
-    enclose those of the ops they run."""
-    text = instrs.get(name, "")
-    if _opcode(text) in CONTAINERS:
-        return None, None
-    body, stack, seen = [text], [text], set()
-    while stack:
-        for single, branches in _CALLED.findall(stack.pop()):
-            for comp in [single] if single else re.findall(r"%([\w.\-]+)", branches):
-                if comp not in seen:
-                    seen.add(comp)
-                    inner = [instrs[i] for i in comps.get(comp, [])]
-                    body += inner
-                    stack += inner
-    coded = [(_opcode(line), line) for line in body]
-    for op, line in coded:
-        if op == "convolution":
-            return _conv(line, op, instrs)
-        target = re.search(r'custom_call_target="(\w+)"', line) if op == "custom-call" else None
-        if target and target.group(1) in _ONEDNN_CONV_PASSES:
-            return _onednn_conv_op(line, _ONEDNN_CONV_PASSES[target.group(1)], instrs)
-        if op == "custom-call" and re.search(r"cudnn\$conv|onednn\$convolution", line):
-            if "BackwardFilter" in line:
-                return "conv weight grad", None
-            if "BackwardInput" in line:
-                return "conv input grad", None
-            if "cudnn$conv" in line:
-                return "conv forward", None
-            return _conv(line, op, instrs)
-    for op, line in coded:
-        if op == "dot":
-            return "matmul", _dot_flops(line, instrs)
-        if op == "custom-call" and re.search(r"cublas|gemm|onednn\$matmul", line):
-            return "matmul", None
-    ops = {op for op, _ in coded} - {""}
-    if any(op.startswith(_COLLECTIVES) for op in ops):
-        return "collective", None
-    if ops & {"reduce", "reduce-window"}:
-        return "reduction", None
-    if ops & _MOVES and ops <= _MOVES | {"bitcast", "parameter", "reshape", "broadcast",
-                                         "constant", "fusion", "tuple", "get-tuple-element"}:
-        return "data movement", None
-    return "elementwise/other", None
-
-
-def profile_step(run_step: Callable[[], Any], hlo_text: str, log_dir: str) -> dict[str, Any]:
-    """Traces one call of ``run_step`` (JAX's profiler, into ``log_dir``), writes the
-    program beside the trace and returns `op_time_by_kind` of it, with the traced call's
-    wall time."""
-    jax.block_until_ready(run_step())  # nothing pending when the trace starts
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        start = time.perf_counter()
-        jax.block_until_ready(run_step())
-        wall = time.perf_counter() - start
-    traces = sorted(pathlib.Path(log_dir).rglob("*.trace.json.gz"), key=os.path.getmtime)
-    if not traces:
-        raise RuntimeError(f"the profiler wrote no *.trace.json.gz under {log_dir}")
-    # The program beside its trace (a new timestamped folder per trace): op names resolve,
-    # and `op_time_by_kind` can be run on the pair later.
-    (traces[-1].parent / "program.hlo.txt").write_text(hlo_text)
-    return {"traced_step_s": wall, "trace_dir": str(traces[-1].parent),
-            **op_time_by_kind(traces[-1], hlo_text)}
-
-
-def op_time_by_kind(trace_file: str | os.PathLike, hlo_text: str) -> dict[str, Any]:
-    """The time of a compiled program's ops in a profiler trace (``*.trace.json.gz``),
-    summed by kind (`classify_op`): milliseconds, share of the summed op time, op count,
-    GFLOP and GFLOP/s of convolutions and matmuls. Ops that run at the same time (on
-    several threads or streams, or on several devices) are each counted in full, so the
-    sum can exceed the step's wall time: the shares say where the work goes, not a
-    critical path. On a mesh of several devices every device's ops are counted (replicated
-    work once per device)."""
-    instrs, comps = _parse_hlo(hlo_text)
-    module = re.search(r"^HloModule ([\w.\-]+)", hlo_text, re.M)
-    module_name = module.group(1) if module else None
-    events = json.loads(gzip.decompress(pathlib.Path(trace_file).read_bytes()))["traceEvents"]
-    kinds = {k: {"ms": 0.0, "ops": 0, "flops": 0.0} for k in OP_KINDS}
-    classified: dict[str, tuple] = {}  # an op runs once per device and per loop trip
-    for event in events:
-        args = event.get("args") or {}
-        name = args.get("hlo_op")
-        if event.get("ph") != "X" or name is None or name not in instrs:
-            continue
-        if module_name and args.get("hlo_module") not in (None, module_name):
-            continue
-        if name not in classified:
-            classified[name] = classify_op(name, instrs, comps)
-        kind, flops = classified[name]
-        if kind is None:
-            continue
-        kinds[kind]["ms"] += event.get("dur", 0.0) / 1e3
-        kinds[kind]["ops"] += 1
-        kinds[kind]["flops"] += flops or 0.0
-    total = sum(k["ms"] for k in kinds.values())
-    if total == 0:
-        raise RuntimeError(f"no op of the program {module_name} in the trace {trace_file}")
-    return {
-        "op_ms_total": total,
-        "kinds": {name: {"ms": k["ms"], "share": k["ms"] / total, "ops": k["ops"],
-                         "gflop": k["flops"] / 1e9 if k["flops"] else None,
-                         "gflop_per_s": (k["flops"] / k["ms"] / 1e6) if k["flops"] else None}
-                  for name, k in kinds.items() if k["ops"]},
-    }
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> dict[str, Any]:
-    import flax
-    import jaxlib
-
-    devices = jax.devices()
-    return {
-        "platform": devices[0].platform,
-        "device_kind": devices[0].device_kind,
-        "device_count": len(devices),
-        "local_device_count": jax.local_device_count(),
-        "process_count": jax.process_count(),
-        "host_cpu": cpu_model(),
-        "host_cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-        "jaxlib_version": jaxlib.__version__,
-        "flax_version": flax.__version__,
-        "python": platform.python_version(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
 
 
 # --- configs --------------------------------------------------------------------------------
@@ -577,28 +182,7 @@ def ddpm_extra_flops(model: str, batch: int, passes: int) -> float:
     return extra * passes
 
 
-def _rates(case: dict, *, images: float, flops: float, extra: float, peak: float | None):
-    """images/s; FLOP/s of our network and of DDPM's as written (``ddpm_flops``, the
-    convention of published figures); both as fractions of the matmul peak."""
-    seconds = case["step_s"]
-    case["images_per_s"] = images / seconds
-    case["model_flops"], case["ddpm_flops"] = flops, flops + extra
-    case["model_flops_per_s"] = flops / seconds
-    case["ddpm_flops_per_s"] = (flops + extra) / seconds
-    if peak:
-        case["fraction_of_peak"] = flops / seconds / peak
-        case["ddpm_fraction_of_peak"] = (flops + extra) / seconds / peak
-    if case.get("xla_flops") is not None:
-        case["xla_flops_per_s"] = case["xla_flops"] / seconds
-
-
 # --- cases ----------------------------------------------------------------------------------
-
-
-def sub_mesh(num_devices: int | None):
-    """A ``data`` mesh over the first ``num_devices`` devices (None: all of them)."""
-    devices = jax.devices()[:num_devices] if num_devices else jax.devices()
-    return Mesh(np.asarray(devices), (mesh_lib.DATA_AXIS,))
 
 
 def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, args,
@@ -666,9 +250,9 @@ def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, arg
                                            os.path.join(args.profile_dir, label))
         except RuntimeError as error:  # a backend whose trace lacks op names: keep the run
             case["profile"] = {"error": str(error)}
-    peaks.setdefault(_peak_key(dtype, mesh.size), []).append(peak["flops_per_s"])
-    _rates(case, images=batch, flops=flops, extra=ddpm_extra_flops(model, batch, 3),
-           peak=_peak(peaks, dtype, mesh.size))
+    peaks.setdefault(peak_key(dtype, mesh.size), []).append(peak["flops_per_s"])
+    add_rates(case, images=batch, flops=flops, extra=ddpm_extra_flops(model, batch, 3),
+              peak=best_peak(peaks, dtype, mesh.size))
     return case
 
 
@@ -709,7 +293,7 @@ def bench_conv(args, peaks: dict) -> list[dict[str, Any]]:
     device = jax.devices()[0]
     batch = args.conv_batch
     kernels = conv_kernels()
-    peak = _peak(peaks, "float32")
+    peak = best_peak(peaks, "float32")
     cases = []
     for side, in_ch, out_ch in conv_shapes(args.conv_model):
         keys = jax.random.split(jax.random.key(4), 3)
@@ -780,8 +364,8 @@ def bench_sampling(args, peaks: dict) -> list[dict[str, Any]]:
             "memory": memory_report(compiled), "load_average": load_average(),
         }
         extra = ddpm_extra_flops(args.eval_model, args.sample_batch, args.sample_steps)
-        _rates(case, images=args.sample_batch, flops=flops, extra=extra,
-               peak=_peak(peaks, args.eval_dtype, mesh.size))
+        add_rates(case, images=args.sample_batch, flops=flops, extra=extra,
+                  peak=best_peak(peaks, args.eval_dtype, mesh.size))
         case["image_evals_per_s"] = case["images_per_s"] * args.sample_steps
         cases.append(case)
     return cases
@@ -821,8 +405,8 @@ def bench_bpd(args, peaks: dict) -> dict[str, Any]:
         "memory": memory_report(compiled), "load_average": load_average(),
     }
     extra = ddpm_extra_flops(args.eval_model, args.bpd_batch, args.bpd_timesteps)
-    _rates(case, images=args.bpd_batch, flops=flops, extra=extra,
-           peak=_peak(peaks, args.eval_dtype, mesh.size))
+    add_rates(case, images=args.bpd_batch, flops=flops, extra=extra,
+              peak=best_peak(peaks, args.eval_dtype, mesh.size))
     return case
 
 
@@ -918,16 +502,6 @@ def bench_loop(args) -> dict[str, Any]:
     }
 
 
-def _peak_key(dtype: str, num_devices: int) -> str:
-    return f"{dtype}@{num_devices}"
-
-
-def _peak(peaks: dict, dtype: str, num_devices: int = 1) -> float | None:
-    """The best matmul FLOP/s measured so far for ``dtype`` on ``num_devices`` (`PEAK_HOW`)."""
-    values = peaks.get(_peak_key(dtype, num_devices))
-    return max(values) if values else None
-
-
 def finalize_fractions(cases: list[dict[str, Any]], peaks: dict) -> None:
     """Every case's fractions over the best peak of the whole run for its dtype and
     device count (a peak measured after a case may be higher than those before it)."""
@@ -935,18 +509,18 @@ def finalize_fractions(cases: list[dict[str, Any]], peaks: dict) -> None:
         if "model_flops_per_s" not in case or case.get("case") == "conv":
             continue
         dtype = case.get("dtype", "float32")
-        peak = _peak(peaks, dtype, case.get("devices", 1))
+        peak = best_peak(peaks, dtype, case.get("devices", 1))
         if not peak:
             continue
         case["peak_flops_per_s"] = peak
         case["fraction_of_peak"] = case["model_flops_per_s"] / peak
         case["ddpm_fraction_of_peak"] = case["ddpm_flops_per_s"] / peak
     for case in cases:  # the bare convolutions' kernels
-        if case.get("case") != "conv" or not _peak(peaks, "float32"):
+        if case.get("case") != "conv" or not best_peak(peaks, "float32"):
             continue
         for key in [k for k in case if k.endswith("_fraction_of_peak")]:
             kind = key[: -len("_fraction_of_peak")]
-            case[key] = case[f"{kind}_flops_per_s"] / _peak(peaks, "float32")
+            case[key] = case[f"{kind}_flops_per_s"] / best_peak(peaks, "float32")
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -1081,8 +655,8 @@ def run(args) -> dict[str, Any]:
     for dt in sorted(set(dtypes) | eval_dtypes):
         for devices in sorted(set(meshes) | ({jax.device_count()} if eval_dtypes else set())):
             peak = measure_peak(dt, args.peak_size, reps=5, num_devices=devices)
-            result["peak_matmul"][_peak_key(dt, devices)] = peak
-            peaks.setdefault(_peak_key(dt, devices), []).append(peak["flops_per_s"])
+            result["peak_matmul"][peak_key(dt, devices)] = peak
+            peaks.setdefault(peak_key(dt, devices), []).append(peak["flops_per_s"])
     result["peak_how"] = PEAK_HOW
     cases: list[dict[str, Any]] = []
 

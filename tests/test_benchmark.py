@@ -18,6 +18,8 @@ import pytest
 
 from diffusion_jax.models import conv as conv_lib
 from diffusion_jax.models.unet import Upsample
+from experiments.bench.flops import model_flops
+from experiments.bench.op_profile import OP_KINDS, classify_op, parse_hlo, profile_step
 
 from tests.helpers import onednn_skip_reason
 
@@ -333,7 +335,6 @@ def test_torch_side_by_side_bad_arguments(argv, message, fake_torch_python, caps
 
 
 def test_model_flops_counts_convolutions_and_dots_exactly():
-    bench = _load_benchmark()
     x = jnp.ones((2, 8, 6, 3))
     kernel = jnp.ones((3, 3, 3, 5))
 
@@ -342,27 +343,26 @@ def test_model_flops_counts_convolutions_and_dots_exactly():
             x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     conv_flops = 2 * (2 * 8 * 6 * 5) * (3 * 3 * 3)
-    assert bench.model_flops(jax.make_jaxpr(conv)(x, kernel).jaxpr) == conv_flops
+    assert model_flops(jax.make_jaxpr(conv)(x, kernel).jaxpr) == conv_flops
     a, b = jnp.ones((4, 7)), jnp.ones((7, 9))
-    assert bench.model_flops(jax.make_jaxpr(jnp.matmul)(a, b).jaxpr) == 2 * 4 * 7 * 9
+    assert model_flops(jax.make_jaxpr(jnp.matmul)(a, b).jaxpr) == 2 * 4 * 7 * 9
     # Gradients: each of the two backward convolutions costs what the forward one does.
     grad = jax.grad(lambda x, k: jnp.sum(conv(x, k)), argnums=(0, 1))
-    assert bench.model_flops(jax.make_jaxpr(grad)(x, kernel).jaxpr) == 3 * conv_flops
+    assert model_flops(jax.make_jaxpr(grad)(x, kernel).jaxpr) == 3 * conv_flops
 
     # A scan body counts once per iteration, inside jit too; elementwise work not at all.
     def loop(a, b):
         return jax.lax.scan(lambda c, _: (jnp.tanh(c @ b[:, :7]), None), a, None, length=5)[0]
 
     jaxpr = jax.make_jaxpr(jax.jit(loop))(a, jnp.ones((7, 7))).jaxpr
-    assert bench.model_flops(jaxpr) == 5 * 2 * 4 * 7 * 7
+    assert model_flops(jaxpr) == 5 * 2 * 4 * 7 * 7
 
 
 @pytest.mark.skipif(onednn_skip_reason() is not None, reason=str(onednn_skip_reason()))
 def test_model_flops_counts_the_onednn_convolutions_as_xlas():
-    bench = _load_benchmark()
     x, kernel = jnp.ones((2, 8, 6, 3)), jnp.ones((3, 3, 3, 5))
     for argnums in ((0, 1), 1):  # both gradients, or the kernel's alone
-        flops = {impl: bench.model_flops(jax.make_jaxpr(jax.grad(
+        flops = {impl: model_flops(jax.make_jaxpr(jax.grad(
             lambda x_, k_, impl=impl: jnp.sum(conv_lib.conv2d(x_, k_, cpu_kernels=impl)),
             argnums=argnums))(x, kernel).jaxpr) for impl in ("none", "onednn")}
         assert flops["onednn"] == flops["none"] > 0
@@ -467,9 +467,9 @@ def test_profile_step_sorts_a_conv_nets_ops_by_kind(tmp_path):
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     hlo = step.lower(x, kernel, dense).compile().as_text()
-    profile = bench.profile_step(lambda: step(x, kernel, dense), hlo, str(tmp_path))
+    profile = profile_step(lambda: step(x, kernel, dense), hlo, str(tmp_path))
     kinds = profile["kinds"]
-    assert set(kinds) <= set(bench.OP_KINDS)
+    assert set(kinds) <= set(OP_KINDS)
     assert {"conv forward", "conv input grad", "conv weight grad", "matmul"} <= set(kinds)
     # Each of the three convolutions does the forward pass's multiply-adds, counted exactly.
     conv_flops = 2 * (4 * 8 * 8 * 16) * (3 * 3 * 16)
@@ -542,8 +542,7 @@ ENTRY %main (x: f32[4,8,8,16], w: f32[3,3,16,16], a: f32[64,64]) -> f32[] {
 
 
 def test_classify_op_on_hand_written_hlo():
-    bench = _load_benchmark()
-    instrs, comps = bench._parse_hlo(_HLO)
+    instrs, comps = parse_hlo(_HLO)
     conv = 2.0 * (4 * 8 * 8 * 16) * 9 * 16
     expected = {
         "conv_fusion": ("conv forward", conv),  # judged by the computation it calls
@@ -566,7 +565,7 @@ def test_classify_op_on_hand_written_hlo():
     }
     assert expected["wgrad"][1] == conv
     for name, (kind, flops) in expected.items():
-        got = bench.classify_op(name, instrs, comps)
+        got = classify_op(name, instrs, comps)
         assert got[0] == kind, name
         assert (got[1] is None) == (flops is None) and (flops is None or got[1] == flops), name
 
@@ -576,7 +575,6 @@ def test_profile_of_a_data_parallel_step_counts_every_device_and_the_all_reduce(
     the global batch's, and the gradient's all-reduce is a collective."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    bench = _load_benchmark()
     mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
     x = jax.device_put(jax.random.normal(jax.random.key(0), (4, 8, 8, 16)),
                        NamedSharding(mesh, PartitionSpec("data")))
@@ -590,7 +588,7 @@ def test_profile_of_a_data_parallel_step_counts_every_device_and_the_all_reduce(
 
     step = jax.jit(jax.grad(loss), out_shardings=NamedSharding(mesh, PartitionSpec()))
     hlo = step.lower(kernel, x).compile().as_text()
-    kinds = bench.profile_step(lambda: step(kernel, x), hlo, str(tmp_path))["kinds"]
+    kinds = profile_step(lambda: step(kernel, x), hlo, str(tmp_path))["kinds"]
     conv_flops = 2 * (4 * 8 * 8 * 16) * (3 * 3 * 16)
     assert kinds["conv forward"]["ops"] == 2  # one per device
     assert kinds["conv forward"]["gflop"] * 1e9 == pytest.approx(conv_flops)
