@@ -18,6 +18,7 @@ import pytest
 
 from diffusion_jax.models import conv as conv_lib
 from diffusion_jax.models.unet import Upsample
+from experiments.bench.conv import conv_kernels, conv_shapes
 from experiments.bench.flops import model_flops
 from experiments.bench.op_profile import OP_KINDS, classify_op, parse_hlo, profile_step
 
@@ -155,21 +156,19 @@ def test_quick_mode_conv_case(quick_result):
 
 
 def test_conv_shapes_are_the_levels_of_the_unets():
-    bench = _load_benchmark()
-    assert bench.conv_shapes("cifar") == [(32, 128, 128), (16, 256, 256), (8, 256, 256),
-                                          (4, 256, 256)]
-    assert bench.conv_shapes("small") == [(32, 64, 64), (16, 128, 128), (8, 128, 128)]
+    assert conv_shapes("cifar") == [(32, 128, 128), (16, 256, 256), (8, 256, 256),
+                                    (4, 256, 256)]
+    assert conv_shapes("small") == [(32, 64, 64), (16, 128, 128), (8, 128, 128)]
 
 
 def test_conv_kernels_are_the_convolution_and_its_gradients():
     """The timed kernels compute what a train step's differentiation computes: the
     forward pass, and the vector-Jacobian products in the input and in the weight."""
-    bench = _load_benchmark()
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (2, 6, 6, 3))
     w = jax.random.normal(keys[1], (3, 3, 3, 4))
     dy = jax.random.normal(keys[2], (2, 6, 6, 4))
-    kernels = bench.conv_kernels()
+    kernels = conv_kernels()
     y, vjp = jax.vjp(lambda x, w: jax.lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), x, w)
     dx, dw = vjp(dy)
