@@ -1,6 +1,7 @@
-"""Tests for experiments/benchmark.py: its quick mode runs and reports sane fields, its FLOP
-count is exact on known programs, and the U-Net's fast upsampling (which the benchmark's
-figures rest on) equals DDPM's nearest-neighbour upsampling followed by a 3x3 conv.
+"""Tests for experiments/benchmark.py and its package experiments/bench: its quick mode
+runs and reports sane fields, its FLOP count is exact on known programs, and the U-Net's
+fast upsampling (which the benchmark's figures rest on) equals DDPM's nearest-neighbour
+upsampling followed by a 3x3 conv.
 
 Nothing here depends on timings: speed belongs in the benchmark itself."""
 
@@ -18,22 +19,17 @@ import pytest
 
 from diffusion_jax.models import conv as conv_lib
 from diffusion_jax.models.unet import Upsample
+from experiments.bench.cli import parse_args
 from experiments.bench.conv import conv_kernels, conv_shapes
 from experiments.bench.flops import model_flops
 from experiments.bench.op_profile import OP_KINDS, classify_op, parse_hlo, profile_step
+from experiments.bench.report import markdown_table
+from experiments.bench.torch_side import attach_torch, bench_torch
 
 from tests.helpers import onednn_skip_reason
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "benchmark.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -187,7 +183,7 @@ def test_conv_kernels_are_the_convolution_and_its_gradients():
 
 
 def test_markdown_table_has_a_row_per_case(quick_result):
-    table = _load_benchmark().markdown_table(quick_result).splitlines()
+    table = markdown_table(quick_result).splitlines()
     cases = table[:table.index("")]  # then the bare convolutions and the op profile
     assert len(cases) == 2 + len([c for c in quick_result["cases"] if c["case"] != "conv"])
     assert all(row.startswith("| ") and row.endswith(" |") for row in cases[2:])
@@ -231,10 +227,9 @@ def fake_torch_python(tmp_path):
 
 
 def test_torch_side_by_side_runs_the_torch_script_on_the_same_cases(fake_torch_python):
-    bench = _load_benchmark()
-    args = bench.parse_args([f"--torch-python={fake_torch_python}", "--train-models=cifar,micro",
-                             "--train-batch=8", "--small-batch=4", "--steps=3", "--warmup=0"])
-    result = bench.bench_torch(args)
+    args = parse_args([f"--torch-python={fake_torch_python}", "--train-models=cifar,micro",
+                       "--train-batch=8", "--small-batch=4", "--steps=3", "--warmup=0"])
+    result = bench_torch(args)
     # Only the models benchmark_torch.py builds, with this run's batches and step counts.
     assert [(c["model"], c["batch"]) for c in result["cases"]] == [("cifar", 8)]
     assert result["argv"][0].endswith("benchmark_torch.py")
@@ -254,11 +249,11 @@ def test_torch_side_by_side_runs_the_torch_script_on_the_same_cases(fake_torch_p
              {"case": "train_step", "model": "micro", "batch": 4, "dtype": "float32",
               "images_per_s": 9.0},
              {"case": "sample", "images_per_s": 1.0}]
-    bench.attach_torch(cases, result)
+    attach_torch(cases, result)
     assert cases[0]["vs_torch"] == pytest.approx(4.0 / 16.0)
     assert cases[2]["vs_torch"] is None  # PyTorch has no micro case
     assert "vs_torch" not in cases[1] and "vs_torch" not in cases[3]
-    table = bench.markdown_table({"cases": [], "torch": result}).splitlines()
+    table = markdown_table({"cases": [], "torch": result}).splitlines()
     assert table[2].startswith("| train step, cifar U-Net, float32, PyTorch 9.9 + diffusers 0.1 "
                                "(2 threads) | 8 |  |  | 0.500 | 16.00 |")
 
@@ -266,11 +261,10 @@ def test_torch_side_by_side_runs_the_torch_script_on_the_same_cases(fake_torch_p
 def test_torch_side_by_side_on_the_bare_convolutions(fake_torch_python):
     """--cases=conv alone: no train models for PyTorch, the conv case's shapes and batch;
     each JAX conv case gets vs_torch per kernel, and the conv table PyTorch's columns."""
-    bench = _load_benchmark()
-    args = bench.parse_args([f"--torch-python={fake_torch_python}", "--cases=conv",
-                             "--conv-model=small", "--conv-batch=4", "--conv-steps=3",
-                             "--train-models=micro"])
-    result = bench.bench_torch(args)
+    args = parse_args([f"--torch-python={fake_torch_python}", "--cases=conv",
+                       "--conv-model=small", "--conv-batch=4", "--conv-steps=3",
+                       "--train-models=micro"])
+    result = bench_torch(args)
     assert result["cases"] == []
     shapes = "--conv-shapes=32x64x64,16x128x128,8x128x128"
     assert {"--models=", shapes, "--conv-batch=4", "--conv-steps=3"} <= set(result["argv"])
@@ -285,12 +279,12 @@ def test_torch_side_by_side_on_the_bare_convolutions(fake_torch_python):
              "forward_flops_per_s": 2e11, "input_grad_flops_per_s": 2e11,
              "weight_grad_flops_per_s": 1e11, "weight_grad_dilated_flops_per_s": 3e11}
             for side, c in ((16, 128), (4, 256))]
-    bench.attach_torch(ours, result)
+    attach_torch(ours, result)
     # The dilated weight gradient is compared with PyTorch's weight gradient.
     assert ours[0]["vs_torch"] == pytest.approx(
         {"forward": 2.0, "input_grad": 1.0, "weight_grad": 0.25, "weight_grad_dilated": 0.75})
     assert ours[1]["vs_torch"] is None  # a shape PyTorch did not run
-    table = bench.markdown_table({"cases": ours, "torch": result}).splitlines()
+    table = markdown_table({"cases": ours, "torch": result}).splitlines()
     assert table[0] == "Bare 3x3 convolution, GFLOP/s of each kernel alone (one device):"
     assert "PyTorch 9.9 (2 threads, NCHW): forward | input grad | weight grad |" in table[2]
     assert table[4] == ("| 16x16, 128 -> 128 channels | 4 | 200 | 200 | 100 | 300 | 100 | 200 "
@@ -310,10 +304,9 @@ def test_torch_script_rejects_bad_conv_shapes(shapes, capsys):
 
 
 def test_torch_side_by_side_failure_is_reported_with_its_output(fake_torch_python):
-    bench = _load_benchmark()
-    args = bench.parse_args([f"--torch-python={fake_torch_python}", "--steps=99"])  # it fails
+    args = parse_args([f"--torch-python={fake_torch_python}", "--steps=99"])  # it fails
     with pytest.raises(RuntimeError, match="(?s)PyTorch benchmark failed.*no module named torch"):
-        bench.bench_torch(args)
+        bench_torch(args)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -326,7 +319,7 @@ def test_torch_side_by_side_bad_arguments(argv, message, fake_torch_python, caps
     if not argv[0].startswith("--torch-python"):
         argv = argv + [f"--torch-python={fake_torch_python}"]
     with pytest.raises(SystemExit):
-        _load_benchmark().parse_args(argv)
+        parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -454,7 +447,6 @@ def test_group_norm_and_its_gradient_equal_flax_group_norm(shape, dtype):
 
 
 def test_profile_step_sorts_a_conv_nets_ops_by_kind(tmp_path):
-    bench = _load_benchmark()
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 16)) * 0.1
     dense = jax.random.normal(jax.random.key(2), (16, 16)) * 0.1
@@ -481,7 +473,7 @@ def test_profile_step_sorts_a_conv_nets_ops_by_kind(tmp_path):
     assert profile["op_ms_total"] > 0 and _positive(profile["traced_step_s"])
     assert (pathlib.Path(profile["trace_dir"]) / "program.hlo.txt").read_text() == hlo
 
-    table = bench.markdown_table({"cases": [{
+    table = markdown_table({"cases": [{
         "case": "train_step", "model": "micro", "dtype": "float32", "batch": 4, "devices": 1,
         "profile": profile}]}).splitlines()
     assert table[-1].startswith("| train step, micro U-Net, float32 | 1 | ")
@@ -599,15 +591,14 @@ def test_profile_of_a_data_parallel_step_counts_every_device_and_the_all_reduce(
 def test_existing_outputs_are_kept_unless_overwrite(flag, tmp_path, capsys):
     """A finished run's JSON or table is not replaced by the next run unless asked: the
     refusal comes from the argument parser, before any case runs."""
-    bench = _load_benchmark()
     earlier = tmp_path / "earlier"
     earlier.write_text("an earlier run")
     argv = ([f"--out={earlier}"] if flag == "--out"
             else [f"--out={tmp_path / 'new.json'}", f"--markdown={earlier}"])
     with pytest.raises(SystemExit) as exc:
-        bench.parse_args(argv)
+        parse_args(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"{earlier} already exists" in err and "--overwrite" in err, err
     assert earlier.read_text() == "an earlier run"
-    assert bench.parse_args([*argv, "--overwrite"]).overwrite
+    assert parse_args([*argv, "--overwrite"]).overwrite
