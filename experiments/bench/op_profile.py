@@ -5,11 +5,13 @@ the compiled program's ops in the trace by kind (`OP_KINDS`: convolution forward
 gradient and weight gradient, matmul, reduction, collective, data movement, the rest),
 with the FLOPs of the convolutions and matmuls.
 
-A trace event names its op (``hlo_op``, ``hlo_module``) and nothing more: no opcode,
-shapes, category or FLOPs on the CPU backend, and XLA's cost analysis is one total per
-program. So `classify_op` reads each op from the compiled program's HLO text: the
-instructions of a fusion, a convolution's window and dimension labels (which tell a
-weight gradient from a forward pass), operand shapes for the FLOPs.
+On the CPU backend an op's trace event carries the names of the op and of its program
+(``hlo_op``, ``hlo_module``) with run and device ids, and nothing about the op itself: no
+opcode, shapes, category or FLOPs (the trace's metadata holds no HLO module either), and
+XLA's cost analysis gives one total per program. So `classify_op` reads each op from the
+compiled program's HLO text: the instructions of a fusion, a convolution's window and
+dimension labels (which tell a weight gradient from a forward pass), operand shapes for
+the FLOPs. This module is the only one that parses HLO text.
 """
 
 from __future__ import annotations
