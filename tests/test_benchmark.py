@@ -1,6 +1,7 @@
-"""Tests for experiments/benchmark.py: its quick mode runs and reports sane fields, its FLOP
-count is exact on known programs, and the U-Net's fast upsampling (which the benchmark's
-figures rest on) equals DDPM's nearest-neighbour upsampling followed by a 3x3 conv.
+"""Tests for experiments/benchmark.py and its package experiments/bench: its quick mode
+runs and reports sane fields, its FLOP count is exact on known programs, and the U-Net's
+fast upsampling (which the benchmark's figures rest on) equals DDPM's nearest-neighbour
+upsampling followed by a 3x3 conv.
 
 Nothing here depends on timings: speed belongs in the benchmark itself."""
 
@@ -18,19 +19,17 @@ import pytest
 
 from diffusion_jax.models import conv as conv_lib
 from diffusion_jax.models.unet import Upsample
+from experiments.bench.cli import parse_args
+from experiments.bench.conv import conv_kernels, conv_shapes
+from experiments.bench.flops import model_flops
+from experiments.bench.op_profile import OP_KINDS, classify_op, parse_hlo, profile_step
+from experiments.bench.report import markdown_table
+from experiments.bench.torch_side import attach_torch, bench_torch
 
 from tests.helpers import onednn_skip_reason
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "benchmark.py"
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -153,21 +152,19 @@ def test_quick_mode_conv_case(quick_result):
 
 
 def test_conv_shapes_are_the_levels_of_the_unets():
-    bench = _load_benchmark()
-    assert bench.conv_shapes("cifar") == [(32, 128, 128), (16, 256, 256), (8, 256, 256),
-                                          (4, 256, 256)]
-    assert bench.conv_shapes("small") == [(32, 64, 64), (16, 128, 128), (8, 128, 128)]
+    assert conv_shapes("cifar") == [(32, 128, 128), (16, 256, 256), (8, 256, 256),
+                                    (4, 256, 256)]
+    assert conv_shapes("small") == [(32, 64, 64), (16, 128, 128), (8, 128, 128)]
 
 
 def test_conv_kernels_are_the_convolution_and_its_gradients():
     """The timed kernels compute what a train step's differentiation computes: the
     forward pass, and the vector-Jacobian products in the input and in the weight."""
-    bench = _load_benchmark()
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (2, 6, 6, 3))
     w = jax.random.normal(keys[1], (3, 3, 3, 4))
     dy = jax.random.normal(keys[2], (2, 6, 6, 4))
-    kernels = bench.conv_kernels()
+    kernels = conv_kernels()
     y, vjp = jax.vjp(lambda x, w: jax.lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")), x, w)
     dx, dw = vjp(dy)
@@ -186,7 +183,7 @@ def test_conv_kernels_are_the_convolution_and_its_gradients():
 
 
 def test_markdown_table_has_a_row_per_case(quick_result):
-    table = _load_benchmark().markdown_table(quick_result).splitlines()
+    table = markdown_table(quick_result).splitlines()
     cases = table[:table.index("")]  # then the bare convolutions and the op profile
     assert len(cases) == 2 + len([c for c in quick_result["cases"] if c["case"] != "conv"])
     assert all(row.startswith("| ") and row.endswith(" |") for row in cases[2:])
@@ -230,10 +227,9 @@ def fake_torch_python(tmp_path):
 
 
 def test_torch_side_by_side_runs_the_torch_script_on_the_same_cases(fake_torch_python):
-    bench = _load_benchmark()
-    args = bench.parse_args([f"--torch-python={fake_torch_python}", "--train-models=cifar,micro",
-                             "--train-batch=8", "--small-batch=4", "--steps=3", "--warmup=0"])
-    result = bench.bench_torch(args)
+    args = parse_args([f"--torch-python={fake_torch_python}", "--train-models=cifar,micro",
+                       "--train-batch=8", "--small-batch=4", "--steps=3", "--warmup=0"])
+    result = bench_torch(args)
     # Only the models benchmark_torch.py builds, with this run's batches and step counts.
     assert [(c["model"], c["batch"]) for c in result["cases"]] == [("cifar", 8)]
     assert result["argv"][0].endswith("benchmark_torch.py")
@@ -253,11 +249,11 @@ def test_torch_side_by_side_runs_the_torch_script_on_the_same_cases(fake_torch_p
              {"case": "train_step", "model": "micro", "batch": 4, "dtype": "float32",
               "images_per_s": 9.0},
              {"case": "sample", "images_per_s": 1.0}]
-    bench.attach_torch(cases, result)
+    attach_torch(cases, result)
     assert cases[0]["vs_torch"] == pytest.approx(4.0 / 16.0)
     assert cases[2]["vs_torch"] is None  # PyTorch has no micro case
     assert "vs_torch" not in cases[1] and "vs_torch" not in cases[3]
-    table = bench.markdown_table({"cases": [], "torch": result}).splitlines()
+    table = markdown_table({"cases": [], "torch": result}).splitlines()
     assert table[2].startswith("| train step, cifar U-Net, float32, PyTorch 9.9 + diffusers 0.1 "
                                "(2 threads) | 8 |  |  | 0.500 | 16.00 |")
 
@@ -265,11 +261,10 @@ def test_torch_side_by_side_runs_the_torch_script_on_the_same_cases(fake_torch_p
 def test_torch_side_by_side_on_the_bare_convolutions(fake_torch_python):
     """--cases=conv alone: no train models for PyTorch, the conv case's shapes and batch;
     each JAX conv case gets vs_torch per kernel, and the conv table PyTorch's columns."""
-    bench = _load_benchmark()
-    args = bench.parse_args([f"--torch-python={fake_torch_python}", "--cases=conv",
-                             "--conv-model=small", "--conv-batch=4", "--conv-steps=3",
-                             "--train-models=micro"])
-    result = bench.bench_torch(args)
+    args = parse_args([f"--torch-python={fake_torch_python}", "--cases=conv",
+                       "--conv-model=small", "--conv-batch=4", "--conv-steps=3",
+                       "--train-models=micro"])
+    result = bench_torch(args)
     assert result["cases"] == []
     shapes = "--conv-shapes=32x64x64,16x128x128,8x128x128"
     assert {"--models=", shapes, "--conv-batch=4", "--conv-steps=3"} <= set(result["argv"])
@@ -284,12 +279,12 @@ def test_torch_side_by_side_on_the_bare_convolutions(fake_torch_python):
              "forward_flops_per_s": 2e11, "input_grad_flops_per_s": 2e11,
              "weight_grad_flops_per_s": 1e11, "weight_grad_dilated_flops_per_s": 3e11}
             for side, c in ((16, 128), (4, 256))]
-    bench.attach_torch(ours, result)
+    attach_torch(ours, result)
     # The dilated weight gradient is compared with PyTorch's weight gradient.
     assert ours[0]["vs_torch"] == pytest.approx(
         {"forward": 2.0, "input_grad": 1.0, "weight_grad": 0.25, "weight_grad_dilated": 0.75})
     assert ours[1]["vs_torch"] is None  # a shape PyTorch did not run
-    table = bench.markdown_table({"cases": ours, "torch": result}).splitlines()
+    table = markdown_table({"cases": ours, "torch": result}).splitlines()
     assert table[0] == "Bare 3x3 convolution, GFLOP/s of each kernel alone (one device):"
     assert "PyTorch 9.9 (2 threads, NCHW): forward | input grad | weight grad |" in table[2]
     assert table[4] == ("| 16x16, 128 -> 128 channels | 4 | 200 | 200 | 100 | 300 | 100 | 200 "
@@ -309,10 +304,9 @@ def test_torch_script_rejects_bad_conv_shapes(shapes, capsys):
 
 
 def test_torch_side_by_side_failure_is_reported_with_its_output(fake_torch_python):
-    bench = _load_benchmark()
-    args = bench.parse_args([f"--torch-python={fake_torch_python}", "--steps=99"])  # it fails
+    args = parse_args([f"--torch-python={fake_torch_python}", "--steps=99"])  # it fails
     with pytest.raises(RuntimeError, match="(?s)PyTorch benchmark failed.*no module named torch"):
-        bench.bench_torch(args)
+        bench_torch(args)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -325,7 +319,7 @@ def test_torch_side_by_side_bad_arguments(argv, message, fake_torch_python, caps
     if not argv[0].startswith("--torch-python"):
         argv = argv + [f"--torch-python={fake_torch_python}"]
     with pytest.raises(SystemExit):
-        _load_benchmark().parse_args(argv)
+        parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -333,7 +327,6 @@ def test_torch_side_by_side_bad_arguments(argv, message, fake_torch_python, caps
 
 
 def test_model_flops_counts_convolutions_and_dots_exactly():
-    bench = _load_benchmark()
     x = jnp.ones((2, 8, 6, 3))
     kernel = jnp.ones((3, 3, 3, 5))
 
@@ -342,27 +335,26 @@ def test_model_flops_counts_convolutions_and_dots_exactly():
             x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     conv_flops = 2 * (2 * 8 * 6 * 5) * (3 * 3 * 3)
-    assert bench.model_flops(jax.make_jaxpr(conv)(x, kernel).jaxpr) == conv_flops
+    assert model_flops(jax.make_jaxpr(conv)(x, kernel).jaxpr) == conv_flops
     a, b = jnp.ones((4, 7)), jnp.ones((7, 9))
-    assert bench.model_flops(jax.make_jaxpr(jnp.matmul)(a, b).jaxpr) == 2 * 4 * 7 * 9
+    assert model_flops(jax.make_jaxpr(jnp.matmul)(a, b).jaxpr) == 2 * 4 * 7 * 9
     # Gradients: each of the two backward convolutions costs what the forward one does.
     grad = jax.grad(lambda x, k: jnp.sum(conv(x, k)), argnums=(0, 1))
-    assert bench.model_flops(jax.make_jaxpr(grad)(x, kernel).jaxpr) == 3 * conv_flops
+    assert model_flops(jax.make_jaxpr(grad)(x, kernel).jaxpr) == 3 * conv_flops
 
     # A scan body counts once per iteration, inside jit too; elementwise work not at all.
     def loop(a, b):
         return jax.lax.scan(lambda c, _: (jnp.tanh(c @ b[:, :7]), None), a, None, length=5)[0]
 
     jaxpr = jax.make_jaxpr(jax.jit(loop))(a, jnp.ones((7, 7))).jaxpr
-    assert bench.model_flops(jaxpr) == 5 * 2 * 4 * 7 * 7
+    assert model_flops(jaxpr) == 5 * 2 * 4 * 7 * 7
 
 
 @pytest.mark.skipif(onednn_skip_reason() is not None, reason=str(onednn_skip_reason()))
 def test_model_flops_counts_the_onednn_convolutions_as_xlas():
-    bench = _load_benchmark()
     x, kernel = jnp.ones((2, 8, 6, 3)), jnp.ones((3, 3, 3, 5))
     for argnums in ((0, 1), 1):  # both gradients, or the kernel's alone
-        flops = {impl: bench.model_flops(jax.make_jaxpr(jax.grad(
+        flops = {impl: model_flops(jax.make_jaxpr(jax.grad(
             lambda x_, k_, impl=impl: jnp.sum(conv_lib.conv2d(x_, k_, cpu_kernels=impl)),
             argnums=argnums))(x, kernel).jaxpr) for impl in ("none", "onednn")}
         assert flops["onednn"] == flops["none"] > 0
@@ -455,7 +447,6 @@ def test_group_norm_and_its_gradient_equal_flax_group_norm(shape, dtype):
 
 
 def test_profile_step_sorts_a_conv_nets_ops_by_kind(tmp_path):
-    bench = _load_benchmark()
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
     kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 16)) * 0.1
     dense = jax.random.normal(jax.random.key(2), (16, 16)) * 0.1
@@ -467,9 +458,9 @@ def test_profile_step_sorts_a_conv_nets_ops_by_kind(tmp_path):
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     hlo = step.lower(x, kernel, dense).compile().as_text()
-    profile = bench.profile_step(lambda: step(x, kernel, dense), hlo, str(tmp_path))
+    profile = profile_step(lambda: step(x, kernel, dense), hlo, str(tmp_path))
     kinds = profile["kinds"]
-    assert set(kinds) <= set(bench.OP_KINDS)
+    assert set(kinds) <= set(OP_KINDS)
     assert {"conv forward", "conv input grad", "conv weight grad", "matmul"} <= set(kinds)
     # Each of the three convolutions does the forward pass's multiply-adds, counted exactly.
     conv_flops = 2 * (4 * 8 * 8 * 16) * (3 * 3 * 16)
@@ -482,7 +473,7 @@ def test_profile_step_sorts_a_conv_nets_ops_by_kind(tmp_path):
     assert profile["op_ms_total"] > 0 and _positive(profile["traced_step_s"])
     assert (pathlib.Path(profile["trace_dir"]) / "program.hlo.txt").read_text() == hlo
 
-    table = bench.markdown_table({"cases": [{
+    table = markdown_table({"cases": [{
         "case": "train_step", "model": "micro", "dtype": "float32", "batch": 4, "devices": 1,
         "profile": profile}]}).splitlines()
     assert table[-1].startswith("| train step, micro U-Net, float32 | 1 | ")
@@ -542,8 +533,7 @@ ENTRY %main (x: f32[4,8,8,16], w: f32[3,3,16,16], a: f32[64,64]) -> f32[] {
 
 
 def test_classify_op_on_hand_written_hlo():
-    bench = _load_benchmark()
-    instrs, comps = bench._parse_hlo(_HLO)
+    instrs, comps = parse_hlo(_HLO)
     conv = 2.0 * (4 * 8 * 8 * 16) * 9 * 16
     expected = {
         "conv_fusion": ("conv forward", conv),  # judged by the computation it calls
@@ -566,7 +556,7 @@ def test_classify_op_on_hand_written_hlo():
     }
     assert expected["wgrad"][1] == conv
     for name, (kind, flops) in expected.items():
-        got = bench.classify_op(name, instrs, comps)
+        got = classify_op(name, instrs, comps)
         assert got[0] == kind, name
         assert (got[1] is None) == (flops is None) and (flops is None or got[1] == flops), name
 
@@ -576,7 +566,6 @@ def test_profile_of_a_data_parallel_step_counts_every_device_and_the_all_reduce(
     the global batch's, and the gradient's all-reduce is a collective."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    bench = _load_benchmark()
     mesh = Mesh(np.asarray(jax.devices()[:2]), ("data",))
     x = jax.device_put(jax.random.normal(jax.random.key(0), (4, 8, 8, 16)),
                        NamedSharding(mesh, PartitionSpec("data")))
@@ -590,7 +579,7 @@ def test_profile_of_a_data_parallel_step_counts_every_device_and_the_all_reduce(
 
     step = jax.jit(jax.grad(loss), out_shardings=NamedSharding(mesh, PartitionSpec()))
     hlo = step.lower(kernel, x).compile().as_text()
-    kinds = bench.profile_step(lambda: step(kernel, x), hlo, str(tmp_path))["kinds"]
+    kinds = profile_step(lambda: step(kernel, x), hlo, str(tmp_path))["kinds"]
     conv_flops = 2 * (4 * 8 * 8 * 16) * (3 * 3 * 16)
     assert kinds["conv forward"]["ops"] == 2  # one per device
     assert kinds["conv forward"]["gflop"] * 1e9 == pytest.approx(conv_flops)
@@ -602,15 +591,14 @@ def test_profile_of_a_data_parallel_step_counts_every_device_and_the_all_reduce(
 def test_existing_outputs_are_kept_unless_overwrite(flag, tmp_path, capsys):
     """A finished run's JSON or table is not replaced by the next run unless asked: the
     refusal comes from the argument parser, before any case runs."""
-    bench = _load_benchmark()
     earlier = tmp_path / "earlier"
     earlier.write_text("an earlier run")
     argv = ([f"--out={earlier}"] if flag == "--out"
             else [f"--out={tmp_path / 'new.json'}", f"--markdown={earlier}"])
     with pytest.raises(SystemExit) as exc:
-        bench.parse_args(argv)
+        parse_args(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"{earlier} already exists" in err and "--overwrite" in err, err
     assert earlier.read_text() == "an earlier run"
-    assert bench.parse_args([*argv, "--overwrite"]).overwrite
+    assert parse_args([*argv, "--overwrite"]).overwrite
