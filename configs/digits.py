@@ -11,8 +11,9 @@ EMA 0.999 (with warm-up), batch 64, 2,500 steps.
 
 Expected: on a 2-core CPU about 6 minutes of training; the sample grid
 (runs/digits/samples/ema_samples_*.png, enlarged 4x) shows recognisable digits 0-9,
-and the log ends with the digits FID of the 100 final samples against the 297 held-out
-digits next to its floor (held-out vs 100 training digits); see the README for figures.
+and the log ends with the digits FID of 500 final samples (fid.num_samples; the grid
+shows the first 100) against a random half of the training digits, next to its floor
+(500 digits of the other half); see the README for figures.
 Sample quality later: --mode=fid_stats (held-out digits), then --mode=fid.
 """
 

@@ -602,3 +602,12 @@ def test_existing_outputs_are_kept_unless_overwrite(flag, tmp_path, capsys):
     assert f"{earlier} already exists" in err and "--overwrite" in err, err
     assert earlier.read_text() == "an earlier run"
     assert parse_args([*argv, "--overwrite"]).overwrite
+
+
+def test_cpu_kernels_take_a_list_for_one_run_and_refuse_unknown_names(capsys):
+    assert parse_args(["--cpu-kernels=none,dilated"]).cpu_kernels == ["none", "dilated"]
+    assert parse_args([]).cpu_kernels == ["none"]
+    for bad in ("none,fast", "none,none"):
+        with pytest.raises(SystemExit):
+            parse_args([f"--cpu-kernels={bad}"])
+        assert "distinct names among ['none', 'dilated', 'onednn']" in capsys.readouterr().err

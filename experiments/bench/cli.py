@@ -29,6 +29,16 @@ SAMPLERS = sampling.SAMPLERS
 ALL_CASES = ("train", "conv", "sample", "bpd", "ode_bpd", "data", "loop")
 
 
+def _cpu_kernels_list(text: str) -> list[str]:
+    names = text.split(",")
+    unknown = [n for n in names if n not in conv_lib.CPU_KERNELS]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"--cpu-kernels takes distinct names among {list(conv_lib.CPU_KERNELS)}, "
+            f"comma-separated; got {text!r}")
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=PACKAGE_DOC.split("\n\n")[0])
     p.add_argument("--out", default="benchmark.json", help="where to write the JSON")
@@ -56,10 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="untimed train steps after compiling (PyTorch's CPU step takes about "
                         "three to reach its steady speed: oneDNN primitives and the "
                         "allocator's pools are built on the first calls)")
-    p.add_argument("--cpu-kernels", default="none", choices=conv_lib.CPU_KERNELS,
-                   help="the U-Net's model.cpu_kernels in the float32 train, sample, bpd and "
-                        "loop cases: 'none' (XLA's convolutions, the default path), "
-                        "'dilated' or 'onednn' (the .[onednn] extra and a C++ compiler)")
+    p.add_argument("--cpu-kernels", default="none", type=_cpu_kernels_list,
+                   help="the U-Net's model.cpu_kernels, comma-separated: each float32 train "
+                        "case runs once per name (so that one run compares them); the "
+                        "sample, bpd and loop cases use the first: 'none' (XLA's "
+                        "convolutions, the default path), 'dilated' or 'onednn' (the "
+                        ".[onednn] extra and a C++ compiler)")
     p.add_argument("--conv-model", default="cifar",
                    help="U-Net whose levels give the conv case's shapes")
     p.add_argument("--conv-batch", type=int, default=32, help="batch of the conv case")
@@ -185,8 +197,11 @@ def run(args) -> dict[str, Any]:
                 if dtype != "float32" and args.bf16_models != "all" and (
                         model not in args.bf16_models.split(",")):
                     continue
-                for devices in meshes:
-                    add(bench_train(model, dtype, batch, devices, args, peaks))
+                kernels = args.cpu_kernels if dtype == "float32" else ["none"]
+                for cpu_kernels in kernels:
+                    for devices in meshes:
+                        add(bench_train(model, dtype, batch, devices, args, peaks,
+                                        cpu_kernels=cpu_kernels))
     if "conv" in cases_wanted:
         add(bench_conv(args, peaks))
     if "sample" in cases_wanted:

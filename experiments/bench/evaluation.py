@@ -29,7 +29,7 @@ from .timing import best_peak, compile_timed, load_average, memory_report, sub_m
 
 def _eval_model(args, num_timesteps: int):
     config = make_config(args.eval_model, args.eval_dtype, num_timesteps=num_timesteps,
-                         cpu_kernels=args.cpu_kernels)
+                         cpu_kernels=args.cpu_kernels[0])
     model = create_model(config, CIFAR_INFO)
     params = jax.jit(objectives.ddpm_objective(config, CIFAR_INFO).init)(jax.random.key(0))
     return config, model, params

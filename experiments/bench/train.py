@@ -36,10 +36,11 @@ from .timing import (best_peak, compile_timed, load_average, measure_peak, memor
 
 
 def bench_train(model: str, dtype: str, batch: int, num_devices: int | None, args,
-                peaks: dict) -> dict[str, Any]:
+                peaks: dict, *, cpu_kernels: str = "none") -> dict[str, Any]:
     """The train step on a mesh of ``num_devices`` devices, as `train.train_and_evaluate`
-    jits it: donated state, replicated parameters, the batch split over ``data``."""
-    config = make_config(model, dtype, cpu_kernels=args.cpu_kernels)
+    jits it: donated state, replicated parameters, the batch split over ``data``; the
+    U-Net's ``model.cpu_kernels`` is ``cpu_kernels`` (float32 only)."""
+    config = make_config(model, dtype, cpu_kernels=cpu_kernels)
     objective = objectives.create_objective(config, CIFAR_INFO)
     optimizer = make_optimizer(config.optim)
     mesh = sub_mesh(num_devices)
@@ -137,7 +138,7 @@ def bench_loop(args) -> dict[str, Any]:
     """``train.train_and_evaluate`` on mocked CIFAR-10: its own logged figures."""
     from diffusion_jax.training import train
 
-    config = make_config(args.loop_model, cpu_kernels=args.cpu_kernels)
+    config = make_config(args.loop_model, cpu_kernels=args.cpu_kernels[0])
     config.data.mock, config.data.mock_num_examples = True, 1024
     config.data.prefetch = args.prefetch
     config.optim.warmup_steps = 10
