@@ -17,36 +17,14 @@ shows the first 100) against a random half of the training digits, next to its f
 Sample quality later: --mode=fid_stats (held-out digits), then --mode=fid.
 """
 
-from diffusion_jax.training.config import default_config, shrink
+from diffusion_jax.training.config import default_config, digits_fields, shrink
 
 
 def get_config(variant: str | None = None):
-    config = default_config()
-    config.data.name = "digits"
-    config.data.random_flip = False
-    config.model.ch = 32
-    config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (4,)
-    config.model.dropout = 0.0
+    config = digits_fields(default_config())
     config.diffusion.schedule = "cosine"
     config.diffusion.num_timesteps = 1000
     config.diffusion.var_type = "fixed_large"
-    config.optim.lr = 1e-3
-    config.optim.warmup_steps = 200
-    config.optim.ema_decay = 0.999
-    config.optim.ema_warmup = True
-    config.train.batch_size = 64
-    config.train.num_steps = 2500
-    config.train.log_every = 100
-    config.train.checkpoint_every = 1000
-    config.train.sample_every = 2500
-    config.sample.num_samples = 100
-    config.sample.grid_upscale = 4
-    # Sample quality offline: digits FID (a digits classifier's features, not Inception).
-    config.fid.network = "digits"
-    config.fid.split = "test"
-    config.fid.num_samples = 500
     if variant == "tiny":
         shrink(config)
         config.model.ch_mult = (1, 2)

@@ -20,26 +20,10 @@ Expected: about the training time of configs/digits.py (not measured for this co
 for guidance's effect on digits see experiments/guidance_digits.py and the README.
 """
 
-from diffusion_jax.training.config import default_config, shrink
+from diffusion_jax.training.config import default_config, digits_fields, shrink
 from diffusion_jax.training.objectives.flow import add_flow_fields
 
 VARIANTS = ("tiny", "guided", "guided_tiny")
-
-
-def digits_fields(config):
-    """The data, U-Net and training settings of configs/digits.py."""
-    config.data.name = "digits"
-    config.model.ch, config.model.ch_mult = 32, (1, 2)
-    config.model.num_res_blocks, config.model.attn_resolutions = 1, (4,)
-    config.model.dropout = 0.0
-    config.optim.lr, config.optim.warmup_steps = 1e-3, 200
-    config.optim.ema_decay, config.optim.ema_warmup = 0.999, True
-    config.train.batch_size, config.train.num_steps = 64, 2500
-    config.train.log_every, config.train.checkpoint_every = 100, 1000
-    config.train.sample_every = 2500
-    config.sample.num_samples, config.sample.grid_upscale = 100, 4
-    config.eval.num_examples, config.eval.batch_size = 256, 64
-    return config
 
 
 def tiny(config):
@@ -51,6 +35,7 @@ def tiny(config):
 
 def get_config(variant: str | None = None):
     config = digits_fields(add_flow_fields(default_config()))
+    config.eval.num_examples, config.eval.batch_size = 256, 64
     if variant and variant not in VARIANTS:
         raise ValueError(f"Unknown config variant {variant!r}; valid: {list(VARIANTS)} (or none).")
     if variant in ("guided", "guided_tiny"):

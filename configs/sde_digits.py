@@ -20,33 +20,16 @@ Expected (measured on a loaded 2-core CPU, experiments/likelihood_digits): see t
 section "Continuous time". ``:tiny`` is a smoke run (seconds).
 """
 
-from diffusion_jax.training.config import default_config, shrink
+from diffusion_jax.training.config import default_config, digits_fields, shrink
 from diffusion_jax.training.objectives.sde import add_sde_fields
 
 
 def get_config(variant: str | None = None):
-    config = add_sde_fields(default_config())
-    config.data.name = "digits"
-    config.model.ch = 32
-    config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = (4,)
-    config.model.dropout = 0.0
+    config = digits_fields(add_sde_fields(default_config()))
     config.diffusion.schedule = "linear"
     config.diffusion.num_timesteps = 1000
     config.sde.name = "ddpm"
     config.sde.parameterization = "eps"
-    config.optim.lr = 1e-3
-    config.optim.warmup_steps = 200
-    config.optim.ema_decay = 0.999
-    config.optim.ema_warmup = True
-    config.train.batch_size = 64
-    config.train.num_steps = 2500
-    config.train.log_every = 100
-    config.train.checkpoint_every = 1000
-    config.train.sample_every = 2500
-    config.sample.num_samples = 100
-    config.sample.grid_upscale = 4
     config.sample.snr = 0.01  # score_sde's VP setting for the Langevin corrector
     config.eval.num_examples = 256
     config.eval.batch_size = 64

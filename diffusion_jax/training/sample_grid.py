@@ -17,9 +17,10 @@ __all__ = ["SampleGrid"]
 class SampleGrid:
     """Draws ``config.sample.num_samples`` samples from EMA parameters and writes a grid.
 
-    On the digits, each grid also logs the digits FID (`sample_quality.log_digits_fid`)
-    of ``max(sample.num_samples, fid.num_samples)`` samples, the grid's among them: with
-    64-d features a covariance from 100 samples is mostly estimation noise.
+    On the digits, each grid also logs the digits FID (`sample_quality.log_digits_fid`),
+    with ``fid.network='digits'`` of ``max(sample.num_samples, fid.num_samples)``
+    samples, the grid's among them: with 64-d features a covariance from 100 samples is
+    mostly estimation noise.
 
     The sampler is jitted once here, for one batch shape (``sample.batch_size`` rounded
     up to a multiple of the mesh size, at most the samples needed), and every grid of the
@@ -31,8 +32,10 @@ class SampleGrid:
         self.grid_num = config.sample.num_samples
         self.upscale = config.sample.grid_upscale
         self.digits_fid = config.data.name == "digits"  # logged with each grid
-        self.num = (max(self.grid_num, config.fid.num_samples) if self.digits_fid
-                    else self.grid_num)
+        # fid.num_samples counts only where the digits network is the configured one
+        # (a digits run configured for Inception FID keeps its grid's samples).
+        self.num = (max(self.grid_num, config.fid.num_samples)
+                    if self.digits_fid and config.fid.network == "digits" else self.grid_num)
         self.key = key
         size = sharding.mesh.size
         batch = min(config.sample.batch_size, self.num)
