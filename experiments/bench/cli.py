@@ -207,7 +207,8 @@ def run(args) -> dict[str, Any]:
                              f"{jax.devices()[0].platform} here: run both on a CPU")
         # First, so that a missing torch fails the run before the long JAX cases.
         result["torch"] = bench_torch(args)
-        print(f"# torch: {json.dumps(result['torch']['cases'])}", file=sys.stderr, flush=True)
+        print(f"# torch: {json.dumps(result['torch']['cases'])} "
+              f"{json.dumps(result['torch'].get('fid_cases', []))}", file=sys.stderr, flush=True)
     if "train" in cases_wanted:
         for model in args.train_models.split(","):
             batch = args.train_batch if model == "cifar" else args.small_batch
