@@ -1,4 +1,5 @@
-"""Throughput benchmark: train steps, samplers, the full bound and the input pipeline.
+"""Throughput benchmark: train steps, samplers, the full bound, FID features and the input
+pipeline.
 
 The command line of the `experiments/bench` package, whose docstring
 (`experiments/bench/__init__.py`) describes the cases, the fields of the JSON and the
@@ -9,6 +10,8 @@ Commands, from the repository root:
 
     python experiments/benchmark.py --out=/tmp/benchmark.json          # CPU: minutes
     python experiments/benchmark.py --quick --out=/tmp/quick.json      # smoke test
+    python experiments/benchmark.py --cases=fid --fid-batch=32 \
+        --torch-python=/path/to/venv/bin/python --out=/tmp/fid.json      # FID features
     python experiments/benchmark.py --train-batch=128 --small-batch=256 \
         --sample-batch=256 --bpd-batch=64 --data-batch=512 --eval-model=cifar \
         --dtypes=float32,bfloat16 --bf16-models=all --out=/tmp/gpu.json   # GPU / TPU

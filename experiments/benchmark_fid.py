@@ -1,7 +1,12 @@
 r"""Throughput of --mode=fid's feature extraction: images/s of the FID Inception (resize to
 299 included) or the digits network, split over every local device. Prints one JSON object.
 
-  PYTHONPATH=. python experiments/benchmark_fid.py --network=inception --batch=64 --size=32
+  python experiments/benchmark_fid.py --network=digits --batch=64
+
+The Inception's figures belong to the project's benchmark, with its compile time, FLOPs,
+fraction of the matmul peak and pytorch-fid beside it (`experiments/bench/fid.py`):
+
+  python experiments/benchmark.py --cases=fid --fid-batch=32 --out=/tmp/fid.json
 
 Random weights of the right shapes stand in for pytorch-fid's (the speed does not depend
 on their values), so no weights file is needed. Reports the device kind, so the same
@@ -12,34 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.metrics import digits, features, inception
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-
-def random_inception_variables(seed: int = 0) -> dict:
-    """Variables of `InceptionV3`'s shapes, filled with scaled normal noise (no init pass:
-    Flax's initialisers of 24M parameters take longer than the benchmark)."""
-    shapes = jax.eval_shape(inception.InceptionV3().init, jax.random.key(0),
-                            jnp.zeros((1, 75, 75, 3)))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "var":
-            return np.ones(leaf.shape, np.float32)
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return (rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-        return np.zeros(leaf.shape, np.float32) if name in ("bias", "mean") else np.ones(
-            leaf.shape, np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+from diffusion_jax.metrics import digits, features, inception  # noqa: E402
+from experiments.bench.fid import random_inception_variables  # noqa: E402
 
 
 def measure(network: str, batch: int, size: int, repeats: int) -> dict:

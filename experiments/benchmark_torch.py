@@ -20,9 +20,17 @@ padding 1, NCHW, the network's layout) at each shape and batch ``--conv-batch``:
 pass, the input gradient and the weight gradient alone (``convolution_backward`` with one
 output each), the counterpart of `experiments/benchmark.py`'s ``conv`` case.
 
+With ``--fid-batch=N`` it also times pytorch-fid's FID Inception as FID computes its
+features (``InceptionV3([3], resize_input=True, normalize_input=True)``: images of
+``--fid-size`` squared resized to 299, the 2048-d pool features, then the classifier's
+logits, biased and not, as `diffusion_jax.metrics.inception` returns them), the
+counterpart of the ``fid`` case. Its weights are random (`build_fid_inception`: nothing is
+downloaded). Without pytorch-fid the case is reported as skipped, with the reason.
+
 Prints one JSON object (and writes it to ``--out``): versions, threads, and per case the
 parameter count, the median step time and images/s; per convolution (``conv_cases``) each
-kernel's median seconds and FLOP/s.
+kernel's median seconds and FLOP/s; the FID features (``fid_cases``) the first call's
+seconds, the median seconds per batch and images/s.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 MODELS = {
@@ -139,6 +148,96 @@ def bench_conv(batch: int, side: int, in_ch: int, out_ch: int, steps: int) -> di
     return case
 
 
+def build_fid_inception():
+    """(pytorch-fid's ``InceptionV3([3])`` wrapper, the FID Inception network inside it)
+    with random weights, in eval mode.
+
+    pytorch-fid builds the network by its own code; only its weight download and the load
+    of those weights are replaced while it builds (and put back after), so nothing is
+    fetched. The weights are then drawn as the JAX side's
+    (`experiments.bench.fid.random_inception_variables`): convolutions and the classifier
+    normal with variance 2 / fan-in, biases zero, batch norms the identity, so that
+    activations keep their scale through the network (PyTorch's default initialisation
+    shrinks them towards denormal values, which a CPU computes slowly)."""
+    import torch
+    from pytorch_fid import inception as pt_inception
+
+    no_weights = object()
+    saved = (pt_inception.load_state_dict_from_url, pt_inception.fid_inception_v3,
+             torch.nn.Module.load_state_dict)
+    built = []
+
+    def load(module, state_dict, *args, **kwargs):
+        if state_dict is no_weights:
+            return None
+        return saved[2](module, state_dict, *args, **kwargs)
+
+    pt_inception.load_state_dict_from_url = lambda *args, **kwargs: no_weights
+    pt_inception.fid_inception_v3 = lambda: built.append(saved[1]()) or built[-1]
+    torch.nn.Module.load_state_dict = load
+    try:
+        wrapper = pt_inception.InceptionV3(
+            [pt_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True,
+            normalize_input=True)
+    finally:
+        (pt_inception.load_state_dict_from_url, pt_inception.fid_inception_v3,
+         torch.nn.Module.load_state_dict) = saved
+    net = built[0]
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                fan_in = module.weight[0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator)
+                                    * (2.0 / fan_in) ** 0.5)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+    return wrapper.eval(), net.eval()
+
+
+def bench_fid(batch: int, size: int, steps: int, warmup: int) -> dict:
+    """pytorch-fid's features and logits of ``batch`` random images of ``size`` squared:
+    the first call's seconds, then the median of ``steps`` calls after ``warmup`` untimed
+    ones (the first calls build oneDNN's primitives)."""
+    import pytorch_fid
+    import torch
+
+    wrapper, net = build_fid_inception()
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def features():
+        with torch.inference_mode():
+            pool = wrapper(images)[0].flatten(1)
+            return pool, net.fc(pool), pool @ net.fc.weight.T
+
+    start = time.perf_counter()
+    pool, logits, _ = features()
+    first_call_s = time.perf_counter() - start
+    assert pool.shape == (batch, 2048) and logits.shape == (batch, 1008), (pool.shape,
+                                                                          logits.shape)
+    times = time_calls(features, steps=steps, warmup=warmup)
+    median = statistics.median(times)
+    return {"case": "fid", "batch": batch, "image_size": size, "input_size": 299,
+            "dtype": "float32", "pytorch_fid": pytorch_fid.__version__,
+            "first_call_s": first_call_s, "step_s": median, "step_s_all": times,
+            "images_per_s": batch / median}
+
+
+def fid_case(batch: int, size: int, steps: int, warmup: int) -> dict:
+    """`bench_fid`, or the case marked skipped with the reason where this Python has no
+    pytorch-fid."""
+    try:
+        import pytorch_fid  # noqa: F401
+    except ImportError as error:
+        return {"case": "fid", "batch": batch, "image_size": size,
+                "skipped": f"no pytorch-fid in {sys.executable}: {error}"}
+    return bench_fid(batch, size, steps, warmup)
+
+
 def format_conv_shapes(shapes) -> str:
     """[(32, 128, 128), (16, 256, 256)] -> '32x128x128,16x256x256' (`parse_conv_shapes`)."""
     return ",".join("x".join(str(d) for d in shape) for shape in shapes)
@@ -167,6 +266,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bare 3x3 convolutions to time: SIDExCINxCOUT,... (none by default)")
     p.add_argument("--conv-batch", type=int, default=32)
     p.add_argument("--conv-steps", type=int, default=9, help="timed calls per conv kernel")
+    p.add_argument("--fid-batch", type=int, default=0,
+                   help="batch of pytorch-fid's Inception features (0: not timed)")
+    p.add_argument("--fid-size", type=int, default=32, help="height = width of its images")
+    p.add_argument("--fid-steps", type=int, default=3, help="timed calls of it")
     p.add_argument("--out", default="benchmark_torch.json")
     args = p.parse_args(argv)
     try:
@@ -182,15 +285,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main():
     args = parse_args()
 
-    import diffusers
     import torch
 
     models = [m for m in args.models.split(",") if m]
+    if models:
+        import diffusers
     result = {
-        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "torch": torch.__version__, "diffusers": diffusers.__version__ if models else None,
         "threads": torch.get_num_threads(), "mkldnn": torch.backends.mkldnn.is_available(),
         "machine": platform.processor() or platform.machine(), "cases": [],
-        "conv_cases": [],
+        "conv_cases": [], "fid_cases": [],
     }
     for name in models:
         batch = args.cifar_batch if name == "cifar" else args.small_batch
@@ -204,6 +308,13 @@ def main():
             f"{kind} {case[kind + '_flops_per_s'] / 1e9:.0f}"
             for kind in CONV_KINDS) + " GFLOP/s", flush=True)
         result["conv_cases"].append(case)
+    if args.fid_batch:
+        case = fid_case(args.fid_batch, args.fid_size, args.fid_steps, args.warmup)
+        print(f"fid batch {args.fid_batch}, {args.fid_size}x{args.fid_size}: " + (
+            f"skipped ({case['skipped']})" if case.get("skipped")
+            else f"{case['step_s']:.3f} s/batch, {case['images_per_s']:.2f} images/s"),
+            flush=True)
+        result["fid_cases"].append(case)
     text = json.dumps(result, indent=2)
     print(text)
     with open(args.out, "w") as f:

@@ -50,7 +50,7 @@ def quick_result(tmp_path_factory):
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--cpu-devices=2", "--meshes=1",
-         "--dtypes=float32", "--samplers=ddim", "--cases=train,conv,sample,bpd,ode_bpd,data",
+         "--dtypes=float32", "--samplers=ddim", "--cases=train,conv,sample,bpd,ode_bpd,fid,data",
          f"--profile-dir={out.parent / 'trace'}", f"--out={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -116,7 +116,7 @@ def test_quick_mode_sampling_bound_and_data_cases(quick_result):
     by_case = {}
     for c in quick_result["cases"]:
         by_case.setdefault(c["case"], []).append(c)
-    assert set(by_case) == {"train_step", "conv", "sample", "bpd", "ode_bpd", "data"}
+    assert set(by_case) == {"train_step", "conv", "sample", "bpd", "ode_bpd", "fid", "data"}
     (sample,) = by_case["sample"]
     assert sample["sampler"] == "ddim" and sample["network_evals"] == 2
     assert sample["batch"] == 2 and sample["devices"] == 2
@@ -149,6 +149,33 @@ def test_quick_mode_conv_case(quick_result):
         assert _positive(case[f"{kind}_s"]), kind
         assert case[f"{kind}_flops_per_s"] == pytest.approx(case["flops"] / case[f"{kind}_s"])
         assert _positive(case[f"{kind}_fraction_of_peak"]), kind
+
+
+def test_quick_mode_fid_case(quick_result):
+    """--mode=fid's extraction: one image per device (two), 32x32 resized to 299 inside the
+    Inception, pool features and logits back; its FLOPs are the FID Inception's."""
+    (case,) = [c for c in quick_result["cases"] if c["case"] == "fid"]
+    assert (case["batch"], case["devices"], case["image_size"], case["input_size"]) == (
+        2, 2, 32, 299)
+    assert case["outputs"] == ["logits", "logits_unbiased", "pool"]
+    for field in ("compile_s", "first_call_s", "step_s", "images_per_s", "model_flops",
+                  "model_flops_per_s", "fraction_of_peak"):
+        assert _positive(case[field]), field
+    assert len(case["step_s_all"]) == 2
+    assert case["images_per_s"] == pytest.approx(2 / case["step_s"])
+    # pytorch-fid's Inception at 299 x 299: 5.7 G multiply-adds per image (with the resize
+    # and the classifier, a few M more).
+    assert 11.4e9 < case["model_flops_per_image"] < 11.5e9
+    assert case["model_flops"] == 2 * case["model_flops_per_image"]
+    # XLA's count of the per-device program, times the devices: the same network (it
+    # counts elementwise work, and convolutions without their zero padding).
+    assert 0.9 < case["xla_flops_per_image"] / case["model_flops_per_image"] < 1.1
+    # Over the best float32 peak of the run on the same two devices.
+    assert case["peak_flops_per_s"] == quick_result["peak_flops_per_s"]["float32@2"]
+    assert case["fraction_of_peak"] == pytest.approx(
+        case["model_flops_per_s"] / case["peak_flops_per_s"])
+    assert case["fraction_of_peak"] <= 1
+    assert "ddpm_fraction_of_peak" not in case and "vs_torch" not in case
 
 
 def test_conv_shapes_are_the_levels_of_the_unets():
@@ -192,6 +219,10 @@ def test_markdown_table_has_a_row_per_case(quick_result):
     conv_rows = [row for row in table if row.startswith("| 32x32, 32 -> 32 channels | 2 | ")]
     assert len(conv_rows) == 1 and conv_rows[0].count("|") == 7  # no PyTorch columns
     assert table[-1].startswith(f"| train step, micro U-Net, float32{impl} | 1 | ")
+    (fid_row,) = [row for row in cases if row.startswith("| FID features")]
+    assert fid_row.startswith("| FID features, Inception, 32 -> 299 | 2 | 2 | ")
+    # No DDPM count for the Inception: the FLOP and fraction cells have one figure each.
+    assert "(" not in fid_row and fid_row.count(" % |") == 1
 
 
 # --- side by side with PyTorch (--torch-python) ---------------------------------------------
@@ -213,8 +244,15 @@ for shape in filter(None, args.get("--conv-shapes", "").split(",")):
     convs.append({{"case": "conv", "batch": int(args["--conv-batch"]), "side": side,
                   "in_ch": cin, "out_ch": cout, "forward_flops_per_s": 1e11,
                   "input_grad_flops_per_s": 2e11, "weight_grad_flops_per_s": 4e11}})
+fids = []
+if int(args.get("--fid-batch", 0)):
+    batch, size = int(args["--fid-batch"]), int(args["--fid-size"])
+    fids.append({{"case": "fid", "batch": batch, "image_size": size, "skipped": "no pytorch-fid"}}
+                if size == 13 else {{"case": "fid", "batch": batch, "image_size": size,
+                                    "pytorch_fid": "0.3.0", "step_s": 4.0,
+                                    "images_per_s": batch / 4.0}})
 json.dump({{"torch": "9.9", "diffusers": "0.1", "threads": 2, "argv": sys.argv[1:],
-           "cases": cases, "conv_cases": convs}}, open(args["--out"], "w"))
+           "cases": cases, "conv_cases": convs, "fid_cases": fids}}, open(args["--out"], "w"))
 """
 
 
@@ -303,6 +341,81 @@ def test_torch_script_rejects_bad_conv_shapes(shapes, capsys):
     assert "want SIDExCINxCOUT" in capsys.readouterr().err
 
 
+def _torch_script():
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_torch", ROOT / "experiments" / "benchmark_torch.py")
+    torch_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_script)
+    return torch_script
+
+
+def test_torch_side_by_side_on_the_fid_features(fake_torch_python):
+    """--cases=fid alone: PyTorch gets the batch JAX's extractor runs (rounded up to the
+    device count: 8 here), the image size and the step count; the JAX fid case gets
+    vs_torch, None where PyTorch skipped it (no pytorch-fid)."""
+    args = parse_args([f"--torch-python={fake_torch_python}", "--cases=fid",
+                       "--fid-batch=5", "--fid-size=40", "--fid-steps=2", "--warmup=1"])
+    result = bench_torch(args)
+    assert result["cases"] == [] and result["conv_cases"] == []
+    assert {"--models=", "--fid-batch=8", "--fid-size=40", "--fid-steps=2",
+            "--warmup=1"} <= set(result["argv"])
+    assert result["argv"][-1].startswith("--out=")
+    assert result["command"].endswith("--fid-steps=2")  # all but --out
+    parsed = _torch_script().parse_args(result["argv"][1:])
+    assert (parsed.models, parsed.fid_batch, parsed.fid_size, parsed.fid_steps,
+            parsed.warmup) == ("", 8, 40, 2, 1)
+
+    ours = [{"case": "fid", "batch": 8, "image_size": 40, "input_size": 299, "devices": 8,
+             "step_s": 1.0, "images_per_s": 8.0}]
+    attach_torch(ours, result)
+    assert ours[0]["vs_torch"] == pytest.approx(8.0 / 2.0)
+    table = markdown_table({"cases": ours, "torch": result}).splitlines()
+    assert table[2].startswith("| FID features, Inception, 40 -> 299, 4.00x PyTorch | 8 | 8 |")
+    assert table[3].startswith("| FID features, pytorch-fid 0.3.0 Inception, 40 -> 299, "
+                               "PyTorch 9.9 (2 threads) | 8 |  |  | 4.000 | 2.00 |")
+
+    skipped = bench_torch(parse_args([f"--torch-python={fake_torch_python}", "--cases=fid",
+                                      "--fid-batch=8", "--fid-size=13"]))
+    ours = [{"case": "fid", "batch": 8, "image_size": 13, "images_per_s": 8.0}]
+    attach_torch(ours, skipped)
+    assert ours[0]["vs_torch"] is None
+    table = markdown_table({"cases": [], "torch": skipped}).splitlines()
+    assert table[2].startswith("| FID features, pytorch-fid: skipped (no pytorch-fid) | 8 |")
+
+
+def test_torch_script_times_pytorch_fids_inception_with_random_weights(monkeypatch):
+    """The PyTorch side's network is pytorch-fid's own, built without fetching or loading
+    its weights (pytorch-fid's loaders are put back after), at the JAX side's weight
+    scale; without pytorch-fid the case is skipped with the reason."""
+    torch = pytest.importorskip("torch")
+    pt_inception = pytest.importorskip("pytorch_fid.inception")
+    torch_script = _torch_script()
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the benchmark must not fetch pytorch-fid's weights")
+
+    monkeypatch.setattr(pt_inception, "load_state_dict_from_url", no_download)
+    originals = (pt_inception.load_state_dict_from_url, pt_inception.fid_inception_v3,
+                 torch.nn.Module.load_state_dict)
+    case = torch_script.bench_fid(batch=1, size=20, steps=1, warmup=0)
+    assert (pt_inception.load_state_dict_from_url, pt_inception.fid_inception_v3,
+            torch.nn.Module.load_state_dict) == originals
+    assert case["batch"] == 1 and case["image_size"] == 20 and case["input_size"] == 299
+    assert case["pytorch_fid"] and case["images_per_s"] == pytest.approx(1 / case["step_s"])
+    assert _positive(case["first_call_s"]) and len(case["step_s_all"]) == 1
+
+    wrapper, net = torch_script.build_fid_inception()
+    conv = net.Mixed_7c.branch_pool.conv  # one of pytorch-fid's own FID blocks
+    assert type(net.Mixed_7c).__name__ == "FIDInceptionE_2"
+    assert float(conv.weight.std()) == pytest.approx((2.0 / conv.weight[0].numel()) ** 0.5,
+                                                     rel=0.1)
+    assert not wrapper.training and wrapper.resize_input and wrapper.normalize_input
+
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)  # import fails
+    skipped = torch_script.fid_case(batch=2, size=32, steps=1, warmup=0)
+    assert skipped["batch"] == 2 and "no pytorch-fid in" in skipped["skipped"]
+
+
 def test_torch_side_by_side_failure_is_reported_with_its_output(fake_torch_python):
     args = parse_args([f"--torch-python={fake_torch_python}", "--steps=99"])  # it fails
     with pytest.raises(RuntimeError, match="(?s)PyTorch benchmark failed.*no module named torch"):
@@ -311,7 +424,7 @@ def test_torch_side_by_side_failure_is_reported_with_its_output(fake_torch_pytho
 
 @pytest.mark.parametrize("argv, message", [
     (["--torch-python=/nonexistent/python"], "not an executable file"),
-    (["--cases=sample"], "add 'train' or 'conv' to --cases"),
+    (["--cases=sample"], "add 'train', 'conv' or 'fid' to --cases"),
     (["--train-models=micro"], "covers the train models"),
     (["--quick"], "leave out --quick or --torch-python"),
 ])

@@ -88,8 +88,14 @@ class FeatureExtractor:
         split = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self._variables = jax.device_put(variables, replicated)
-        fn = jax.jit(apply_fn, in_shardings=(replicated, split), out_shardings=split)
-        self._fn = functools.partial(fn, self._variables)
+        self._jitted = jax.jit(apply_fn, in_shardings=(replicated, split), out_shardings=split)
+        self._fn = functools.partial(self._jitted, self._variables)
+
+    def trace(self, images: np.ndarray) -> jax.stages.Traced:
+        """The program of one batch of ``images`` (a whole batch), traced: its jaxpr, and
+        by ``.lower().compile()`` the compiled program the calls run (for cost and memory
+        analyses; a benchmark reads them)."""
+        return self._jitted.trace(self._variables, images)
 
     def _one_batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
         n = images.shape[0]

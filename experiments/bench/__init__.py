@@ -1,4 +1,5 @@
-"""Throughput benchmark: train steps, samplers, the full bound and the input pipeline.
+"""Throughput benchmark: train steps, samplers, the full bound, FID features and the input
+pipeline.
 
 Prints one JSON object and writes it to ``--out``. It reports the device (platform, kind,
 count), the JAX version, the machine's measured peak (a large matmul in each precision,
@@ -51,6 +52,13 @@ Cases (``--cases``, comma-separated):
   one dequantization draw, Tsit5 with rtol = atol = ``--ode-tol``), one compiled solve
   per example, the batch split over every device; images/s and the network evaluations
   (NFE) per example;
+- ``fid``: ``--mode=fid``'s feature extraction: `features.FeatureExtractor` on pytorch-fid's
+  FID Inception in Flax (`diffusion_jax.metrics.inception`, random weights of its shapes),
+  ``--fid-batch`` images of ``--fid-size`` squared resized to 299 inside the network, pool
+  features and logits back on the host, the batch split over every local device; compile
+  and first-call seconds, images/s, FLOPs per image (``model_flops_per_image``, and
+  ``xla_flops_per_image`` from XLA's cost analysis of the per-device program times the
+  device count) and the fraction of the float32 matmul peak on those devices;
 - ``data``: the input pipeline alone (mocked CIFAR-10 through TFDS + grain, the same
   reader threads and batch function as training), images/s, with and without prefetch;
 - ``loop``: ``train.train_and_evaluate`` itself on mocked CIFAR-10 with the ``small``
@@ -67,10 +75,12 @@ interpreter that has ``torch`` and ``diffusers`` (they are not dependencies of t
 project; any environment will do). Before the JAX train cases, it runs
 `experiments/benchmark_torch.py` with that interpreter on the same models (``cifar``,
 ``small``), batches and step counts, and on the same bare convolutions (``conv``; NCHW,
-the layout of the PyTorch network); its cases go under ``torch`` in the JSON (and as rows
-of the markdown tables), each float32 JAX train case gets ``vs_torch``, its images/s
-over PyTorch's, and each ``conv`` case ``vs_torch`` per kernel, its GFLOP/s over
-PyTorch's:
+the layout of the PyTorch network), and on pytorch-fid's ``InceptionV3([3])`` at the
+``fid`` case's batch and image size (random weights, nothing downloaded; reported as
+skipped where that Python has no pytorch-fid); its cases go under ``torch`` in the JSON
+(and as rows of the markdown tables), each float32 JAX train case and the ``fid`` case
+get ``vs_torch``, their images/s over PyTorch's, and each ``conv`` case ``vs_torch`` per
+kernel, its GFLOP/s over PyTorch's:
 
     python experiments/benchmark.py --cases=train --dtypes=float32 \
         --torch-python=/path/to/venv/bin/python --out=/tmp/side_by_side.json
@@ -96,7 +106,8 @@ The modules: `cli` (the command line of `experiments/benchmark.py` and the run's
 `timing` (timed calls, compile time, the matmul peak, memory, the environment), `flops`
 (XLA's cost analysis, the jaxpr's count, the rates), `models` (the U-Net sizes and their
 configs), the cases in `train` (train step, input pipeline, train loop), `conv` (the bare
-convolutions) and `evaluation` (sampling, the bound, ODE bits/dim), `op_profile` (a
+convolutions), `evaluation` (sampling, the bound, ODE bits/dim) and `fid` (the FID
+features), `op_profile` (a
 profiler trace's op time by kind), `torch_side` (running `experiments/benchmark_torch.py`
 and the ``vs_torch`` ratios) and `report` (fractions of the run's peak, markdown tables).
 """

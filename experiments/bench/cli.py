@@ -20,13 +20,14 @@ from diffusion_jax.models import conv as conv_lib
 from . import __doc__ as PACKAGE_DOC
 from .conv import bench_conv
 from .evaluation import bench_bpd, bench_ode_bpd, bench_sampling
+from .fid import bench_fid
 from .report import finalize_fractions, markdown_table
 from .timing import PEAK_HOW, environment, load_average, measure_peak, peak_key
 from .torch_side import TORCH_MODELS, attach_torch, bench_torch
 from .train import bench_data, bench_loop, bench_train
 
 SAMPLERS = sampling.SAMPLERS
-ALL_CASES = ("train", "conv", "sample", "bpd", "ode_bpd", "data", "loop")
+ALL_CASES = ("train", "conv", "sample", "bpd", "ode_bpd", "fid", "data", "loop")
 
 
 def _cpu_kernels_list(text: str) -> list[str]:
@@ -86,6 +87,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bpd-timesteps", type=int, default=1000)
     p.add_argument("--ode-tol", type=float, default=1e-5,
                    help="rtol = atol of the ode_bpd case's adaptive solve")
+    p.add_argument("--fid-batch", type=int, default=32,
+                   help="global batch of the fid case (rounded up to a multiple of the "
+                        "device count)")
+    p.add_argument("--fid-size", type=int, default=32,
+                   help="height = width of the fid case's images (resized to 299 inside "
+                        "the network, as --mode=fid does)")
+    p.add_argument("--fid-steps", type=int, default=3, help="timed calls of the fid case")
     p.add_argument("--data-batch", type=int, default=128)
     p.add_argument("--data-batches", type=int, default=50)
     p.add_argument("--prefetch", type=int, default=4, help="data.prefetch for data and loop")
@@ -97,8 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="trace one more step of each train case there and report its op time "
                         "by kind (convolutions forward / input grad / weight grad, matmuls, ...)")
     p.add_argument("--torch-python", default=None,
-                   help="a Python with torch and diffusers: run experiments/benchmark_torch.py "
-                        "on the same train cases first, side by side in this run")
+                   help="a Python with torch and diffusers (and pytorch-fid for the fid "
+                        "case): run experiments/benchmark_torch.py on the same train, conv "
+                        "and fid cases first, side by side in this run")
     args = p.parse_args(argv)
     existing = [path for path in (args.out, args.markdown)
                 if path is not None and os.path.exists(path)]
@@ -109,15 +118,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.cases.split(",")) - set(ALL_CASES)
     if unknown:
         p.error(f"unknown cases {sorted(unknown)}; valid: {ALL_CASES}")
+    for name in ("fid_batch", "fid_size", "fid_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if set(args.meshes.split(",")) - {"1", "all"}:
         p.error(f"--meshes takes '1' and/or 'all'; got {args.meshes!r}")
     if args.torch_python is not None:
         if not (os.path.isfile(args.torch_python) and os.access(args.torch_python, os.X_OK)):
             p.error(f"--torch-python={args.torch_python!r} is not an executable file; give "
                     "the path of a Python interpreter that has torch and diffusers")
-        if not {"train", "conv"} & set(args.cases.split(",")):
-            p.error("--torch-python compares train steps and convolutions; add 'train' "
-                    "or 'conv' to --cases")
+        if not {"train", "conv", "fid"} & set(args.cases.split(",")):
+            p.error("--torch-python compares train steps, convolutions and the FID "
+                    "features; add 'train', 'conv' or 'fid' to --cases")
         if args.quick:
             p.error("--quick trains the micro U-Net, which the PyTorch benchmark does not "
                     "build; leave out --quick or --torch-python")
@@ -151,6 +163,9 @@ def apply_quick(args) -> None:
     args.sample_batch = args.bpd_batch = devices
     args.sample_steps, args.bpd_timesteps, args.ode_tol = 2, 50, 1e-2
     args.data_batch, args.data_batches, args.loop_steps = 16, 3, 4
+    # One image per device; the input size does not change the network's cost (every
+    # image is resized to 299 x 299), only the resize's.
+    args.fid_batch, args.fid_steps = devices, 2
     args.peak_size = args.peak_size or 256
 
 
@@ -168,12 +183,15 @@ def run(args) -> dict[str, Any]:
     peaks: dict[str, list[float]] = {}
     meshes = sorted({1 if m == "1" else jax.device_count() for m in args.meshes.split(",")})
     eval_dtypes = {args.eval_dtype} if {"sample", "bpd"} & set(cases_wanted) else set()
+    peak_cases = {(dt, devices) for dt in set(dtypes) | eval_dtypes
+                  for devices in set(meshes) | ({jax.device_count()} if eval_dtypes else set())}
+    if "fid" in cases_wanted:  # float32, over every local device
+        peak_cases.add(("float32", jax.local_device_count()))
     result["peak_matmul"] = {}
-    for dt in sorted(set(dtypes) | eval_dtypes):
-        for devices in sorted(set(meshes) | ({jax.device_count()} if eval_dtypes else set())):
-            peak = measure_peak(dt, args.peak_size, reps=5, num_devices=devices)
-            result["peak_matmul"][peak_key(dt, devices)] = peak
-            peaks.setdefault(peak_key(dt, devices), []).append(peak["flops_per_s"])
+    for dt, devices in sorted(peak_cases):
+        peak = measure_peak(dt, args.peak_size, reps=5, num_devices=devices)
+        result["peak_matmul"][peak_key(dt, devices)] = peak
+        peaks.setdefault(peak_key(dt, devices), []).append(peak["flops_per_s"])
     result["peak_how"] = PEAK_HOW
     cases: list[dict[str, Any]] = []
 
@@ -189,7 +207,8 @@ def run(args) -> dict[str, Any]:
                              f"{jax.devices()[0].platform} here: run both on a CPU")
         # First, so that a missing torch fails the run before the long JAX cases.
         result["torch"] = bench_torch(args)
-        print(f"# torch: {json.dumps(result['torch']['cases'])}", file=sys.stderr, flush=True)
+        print(f"# torch: {json.dumps(result['torch']['cases'])} "
+              f"{json.dumps(result['torch'].get('fid_cases', []))}", file=sys.stderr, flush=True)
     if "train" in cases_wanted:
         for model in args.train_models.split(","):
             batch = args.train_batch if model == "cifar" else args.small_batch
@@ -210,6 +229,8 @@ def run(args) -> dict[str, Any]:
         add(bench_bpd(args, peaks))
     if "ode_bpd" in cases_wanted:
         add(bench_ode_bpd(args, peaks))
+    if "fid" in cases_wanted:
+        add(bench_fid(args, peaks))
     if "data" in cases_wanted:
         add(bench_data(args))
     if "loop" in cases_wanted:

@@ -28,7 +28,8 @@ def finalize_fractions(cases: list[dict[str, Any]], peaks: dict) -> None:
             continue
         case["peak_flops_per_s"] = peak
         case["fraction_of_peak"] = case["model_flops_per_s"] / peak
-        case["ddpm_fraction_of_peak"] = case["ddpm_flops_per_s"] / peak
+        if "ddpm_flops_per_s" in case:  # the U-Net cases
+            case["ddpm_fraction_of_peak"] = case["ddpm_flops_per_s"] / peak
     for case in cases:  # the bare convolutions' kernels
         if case.get("case") != "conv" or not best_peak(peaks, "float32"):
             continue
@@ -40,6 +41,12 @@ def finalize_fractions(cases: list[dict[str, Any]], peaks: dict) -> None:
 def _impl_label(case: dict[str, Any]) -> str:
     kernels = case.get("cpu_kernels", "none")
     return "" if kernels == "none" else f", cpu_kernels={kernels}"
+
+
+def _fid_label(case: dict[str, Any]) -> str:
+    vs = case.get("vs_torch")
+    return (f"FID features, Inception, {case.get('image_size')} -> {case.get('input_size')}"
+            + ("" if vs is None else f", {vs:.2f}x PyTorch"))
 
 
 def _train_label(case: dict[str, Any]) -> str:
@@ -63,6 +70,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                 "bpd": f"bound, T = {c.get('num_timesteps')}{_impl_label(c)}",
                 "ode_bpd": f"ODE bits/dim, T = {c.get('num_timesteps')}, rtol {c.get('rtol')}"
                            f", NFE {c.get('nfe_mean', 0):.0f} per image",
+                "fid": _fid_label(c),
                 "data": f"input pipeline, prefetch {c.get('prefetch')}",
                 "train_loop": f"train loop, {c.get('model')} U-Net{_impl_label(c)}, input "
                               f"wait {100 * (c.get('data_wait_fraction') or 0):.2f} %"}[c["case"]]
@@ -71,11 +79,12 @@ def markdown_table(result: dict[str, Any]) -> str:
             value = c.get(key)
             return "" if value is None else f"{value / scale:.{digits}f}"
 
-        flops = (f"{fmt('model_flops', 1e9, 0)} ({fmt('ddpm_flops', 1e9, 0)})"
-                 if "model_flops" in c else "")
-        fraction = (f"{fmt('fraction_of_peak', 0.01, 0)} % "
-                    f"({fmt('ddpm_fraction_of_peak', 0.01, 0)} %)"
-                    if "fraction_of_peak" in c else "")
+        flops = fmt("model_flops", 1e9, 0) + (
+            f" ({fmt('ddpm_flops', 1e9, 0)})" if "ddpm_flops" in c else "")
+        fraction = "" if "fraction_of_peak" not in c else (
+            f"{fmt('fraction_of_peak', 0.01, 0)} %" + (
+                f" ({fmt('ddpm_fraction_of_peak', 0.01, 0)} %)"
+                if "ddpm_fraction_of_peak" in c else ""))
         rss = c.get("memory", {}).get("host_peak_rss_bytes")
         cells = [name, str(c.get("batch", "")), str(c.get("devices") or ""), fmt("compile_s"),
                  fmt("step_s", digits=3), fmt("images_per_s", digits=2), flops,
@@ -89,6 +98,17 @@ def markdown_table(result: dict[str, Any]) -> str:
                 f" + diffusers {torch_result['diffusers']} ({torch_result['threads']} threads)")
         cells = [name, str(c["batch"]), "", "", f"{c['step_s']:.3f}",
                  f"{c['images_per_s']:.2f}", "", "", "", "", ""]
+        rows.append("| " + " | ".join(cells) + " |")
+    for c in (torch_result or {}).get("fid_cases", []):
+        if c.get("skipped"):
+            cells = [f"FID features, pytorch-fid: skipped ({c['skipped']})",
+                     str(c["batch"])] + [""] * 9
+        else:
+            name = (f"FID features, pytorch-fid {c['pytorch_fid']} Inception, "
+                    f"{c['image_size']} -> 299, PyTorch {torch_result['torch']} "
+                    f"({torch_result['threads']} threads)")
+            cells = [name, str(c["batch"]), "", "", f"{c['step_s']:.3f}",
+                     f"{c['images_per_s']:.2f}", "", "", "", "", ""]
         rows.append("| " + " | ".join(cells) + " |")
     sections = [header + rows if rows else [], _conv_table(result)]
     profiled = [c for c in result["cases"] if c.get("profile", {}).get("kinds")]
