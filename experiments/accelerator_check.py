@@ -17,6 +17,11 @@ What it measures, on the default device (one chip):
   (``--sample-steps`` each) sampling throughput, images/s;
 - ``bound``: `likelihood.calc_bpd_loop` over the full T = 1000 (every term of the
   variational bound), seconds per batch and images/s;
+- ``fid``: ``--mode=fid``'s feature extraction (pytorch-fid's FID Inception in Flax,
+  32x32 images resized to 299x299 inside, pool features and logits back on the host;
+  random weights of the right shapes) at batch 200, the ``fid.batch_size`` default:
+  compile seconds, seconds per batch, images/s, FLOPs per image (the benchmark's ``fid``
+  case, `experiments/bench/fid.py`);
 - ``dit``: a DiT-B/2 train step in the paper's 256x256 latent setting (32x32x4 latents,
   1000 classes, learned sigma, bfloat16 compute), batch 32, through
   ``experiments/dit_step.py``: compile seconds, images/s, the losses (checked finite) and
@@ -56,11 +61,13 @@ from diffusion_jax.training.state import TrainState, make_optimizer  # noqa: E40
 FULL = dict(image=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn=(16,),
             train_batch=128, sample_batch=256, bound_batch=64, num_timesteps=1000,
             peak_sizes=(4096, 8192, 16384), steps=10,
-            dit=dict(size="DiT-B/2", overrides={}, batch=32, steps=5))
+            dit=dict(size="DiT-B/2", overrides={}, batch=32, steps=5),
+            fid=dict(batch=200, size=32, steps=5))
 TINY = dict(image=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn=(4,),
             train_batch=4, sample_batch=4, bound_batch=2, num_timesteps=25,
             peak_sizes=(128, 256), steps=2,
-            dit=dict(size="DiT-S/8", overrides={"depth": 1}, batch=8, steps=2))
+            dit=dict(size="DiT-S/8", overrides={"depth": 1}, batch=8, steps=2),
+            fid=dict(batch=2, size=16, steps=1))
 
 
 def _median_seconds(fn, *, steps: int, warmup: int = 1) -> list[float]:
@@ -216,6 +223,20 @@ def check_dit(sizes: dict) -> dict[str, Any]:
     return {"size": d["size"], **d["overrides"], **report}
 
 
+def check_fid(sizes: dict) -> dict[str, Any]:
+    """The benchmark's ``fid`` case (`experiments.bench.fid.bench_fid`) at ``sizes['fid']``,
+    without a fraction of peak (the network runs in float32, the peak here is bfloat16)."""
+    from experiments.bench.fid import bench_fid
+
+    d = sizes["fid"]
+    args = argparse.Namespace(fid_batch=d["batch"], fid_size=d["size"], fid_steps=d["steps"],
+                              warmup=1)
+    case = bench_fid(args, peaks={})
+    return {k: case[k] for k in ("batch", "devices", "image_size", "input_size", "compile_s",
+                                 "first_call_s", "step_s", "images_per_s",
+                                 "model_flops_per_image") if k in case}
+
+
 def run(tiny: bool = False, sample_steps: int = 50) -> dict[str, Any]:
     sizes = TINY if tiny else FULL
     start = time.perf_counter()
@@ -230,6 +251,7 @@ def run(tiny: bool = False, sample_steps: int = 50) -> dict[str, Any]:
     result["sample"] = check_sampling(sizes, sample_steps)
     result["bound"] = check_bound(sizes)
     result["dit"] = check_dit(sizes)
+    result["fid"] = check_fid(sizes)
     result["total_s"] = time.perf_counter() - start
     return result
 

@@ -40,6 +40,11 @@ def test_tiny_run_reports_every_measurement(tmp_path, capsys):
     dit = result["dit"]
     assert dit["finite"] and len(dit["losses"]) == 2 and dit["images_per_s"] > 0
     assert dit["mesh"] == {"data": jax.device_count(), "fsdp": 1} and dit["global_batch"] == 8
+    fid = result["fid"]
+    assert fid["input_size"] == 299 and fid["image_size"] == 16
+    assert fid["batch"] % jax.local_device_count() == 0 and fid["batch"] >= 2
+    assert all(math.isfinite(fid[k]) and fid[k] > 0
+               for k in ("images_per_s", "compile_s", "model_flops_per_image"))
 
 
 def test_bad_sample_steps_is_a_usage_error(capsys):
