@@ -156,8 +156,9 @@ def test_default_path_imports_no_onednn():
         "from diffusion_jax.models import UNet\n"
         "m = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())\n"
         "x, t = jnp.zeros((1, 4, 4, 3)), jnp.zeros((1,), jnp.int32)\n"
-        "jax.grad(lambda p: m.apply(p, x, t, train=False).sum())(\n"
-        "    m.init(jax.random.key(0), x, t, train=False))\n"
+        # Jitted: one compile each, not one per op (the interpreter has 8 fake devices).
+        "params = jax.jit(lambda k: m.init(k, x, t, train=False))(jax.random.key(0))\n"
+        "jax.jit(jax.grad(lambda p: m.apply(p, x, t, train=False).sum()))(params)\n"
         "assert 'diffusion_jax.models.onednn' not in sys.modules, 'onednn imported'\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "CXX"}

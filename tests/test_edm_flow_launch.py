@@ -3,6 +3,7 @@ for bit, --mode=sample (with classifier-free guidance for a class-conditional fl
 --mode=eval; configuration errors of guidance at config time."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -17,10 +18,13 @@ TINY_FLAGS = (*ONE_LEVEL_FLAGS, "--config.model.cpu_kernels=none", "--config.tra
 def _train_resume_sample_eval(tmp_path, config, sample_flags, stem, eval_key):
     args = [f"--config={config}", *TINY_FLAGS]
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    launch(*args, f"--workdir={resumed}", "--config.train.num_steps=3")
+    launch(*args, f"--workdir={straight}", "--config.train.num_steps=6")
+    # The uninterrupted run saved step 3 on its way (train.checkpoint_every = 3): what a
+    # run stopped after 3 steps leaves (a 3-step launch would compute the same 3 steps
+    # again). A second run resumes from it and must end where the uninterrupted one did.
+    shutil.copytree(straight / "checkpoints" / "3", resumed / "checkpoints" / "3")
     proc = launch(*args, f"--workdir={resumed}", "--config.train.num_steps=6")
     assert "Resumed from step 3" in proc.stderr
-    launch(*args, f"--workdir={straight}", "--config.train.num_steps=6")
     a, b = restore_tree(resumed, 6), restore_tree(straight, 6)
     for name in ("params", "ema_params", "opt_state"):
         for x, y in zip(_leaves(a[name]), _leaves(b[name]), strict=True):

@@ -21,9 +21,10 @@ from diffusion_jax.training import checkpoint, train
 
 from helpers import ROOT, TOY, launch, launch_cmd, launch_env, restore_tree, toy_config
 
-# A toy run long enough to be interrupted: ~0.5M parameters, checkpoints every 40 steps.
-LONG = [f"--config={TOY}", "--config.model.features=(512,512)", "--config.train.num_steps=240",
-        "--config.train.log_every=10", "--config.train.checkpoint_every=40",
+# A toy run long enough to be interrupted: ~0.5M parameters, six checkpoints, one every 20
+# steps (a step takes about 25 ms: the run itself lasts a few seconds).
+LONG = [f"--config={TOY}", "--config.model.features=(512,512)", "--config.train.num_steps=120",
+        "--config.train.log_every=10", "--config.train.checkpoint_every=20",
         "--config.train.keep_checkpoints=10"]
 
 
@@ -84,7 +85,7 @@ def test_sigkill_at_any_point_resumes_bit_identically(tmp_path):
 
     proc = launch(*LONG, f"--workdir={killed}")
     assert "Resumed from step" in proc.stderr
-    _assert_trees_equal(restore_tree(tmp_path / "whole", 240), restore_tree(killed, 240))
+    _assert_trees_equal(restore_tree(tmp_path / "whole", 120), restore_tree(killed, 120))
 
 
 def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):

@@ -1,6 +1,7 @@
 """The ``sde`` objective end to end through launch.py: train, resume exactly, sample, eval."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -26,10 +27,13 @@ def _config():
 def test_sde_trains_resumes_exactly_samples_and_evaluates(tmp_path):
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     args = [f"--config={CONFIG}:tiny", *FLAGS]
-    launch(*args, f"--workdir={resumed}", "--config.train.num_steps=3", devices=1)
+    launch(*args, f"--workdir={straight}", "--config.train.num_steps=6", devices=1)
+    # The uninterrupted run saved step 3 on its way (train.checkpoint_every = 3): what a
+    # run stopped after 3 steps leaves (a 3-step launch would compute the same 3 steps
+    # again). A second run resumes from it and must end where the uninterrupted one did.
+    shutil.copytree(straight / "checkpoints" / "3", resumed / "checkpoints" / "3")
     proc = launch(*args, f"--workdir={resumed}", "--config.train.num_steps=6", devices=1)
     assert "Resumed from step 3" in proc.stderr
-    launch(*args, f"--workdir={straight}", "--config.train.num_steps=6", devices=1)
     a, b = restore_tree(resumed, 6), restore_tree(straight, 6)
     for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])):
         np.testing.assert_array_equal(x, y)  # 3 + 3 = 6 steps, bit for bit
