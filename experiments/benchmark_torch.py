@@ -148,17 +148,13 @@ def bench_conv(batch: int, side: int, in_ch: int, out_ch: int, steps: int) -> di
     return case
 
 
-def build_fid_inception():
-    """(pytorch-fid's ``InceptionV3([3])`` wrapper, the FID Inception network inside it)
-    with random weights, in eval mode.
+def fid_inception_without_weights():
+    """(pytorch-fid's ``InceptionV3([3])`` wrapper with its default resize and input
+    normalisation, the FID Inception network inside it), with PyTorch's initial weights.
 
     pytorch-fid builds the network by its own code; only its weight download and the load
     of those weights are replaced while it builds (and put back after), so nothing is
-    fetched. The weights are then drawn as the JAX side's
-    (`experiments.bench.fid.random_inception_variables`): convolutions and the classifier
-    normal with variance 2 / fan-in, biases zero, batch norms the identity, so that
-    activations keep their scale through the network (PyTorch's default initialisation
-    shrinks them towards denormal values, which a CPU computes slowly)."""
+    fetched. The parity test (tests/test_metrics_parity.py) builds its network here too."""
     import torch
     from pytorch_fid import inception as pt_inception
 
@@ -182,7 +178,18 @@ def build_fid_inception():
     finally:
         (pt_inception.load_state_dict_from_url, pt_inception.fid_inception_v3,
          torch.nn.Module.load_state_dict) = saved
-    net = built[0]
+    return wrapper, built[0]
+
+
+def build_fid_inception():
+    """`fid_inception_without_weights` in eval mode, with its weights drawn as the JAX
+    side's (`experiments.bench.fid.random_inception_variables`): convolutions and the
+    classifier normal with variance 2 / fan-in, biases zero, batch norms the identity, so
+    that activations keep their scale through the network (PyTorch's default
+    initialisation shrinks them towards denormal values, which a CPU computes slowly)."""
+    import torch
+
+    wrapper, net = fid_inception_without_weights()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in net.modules():

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from diffusion_jax.metrics import inception, weights
+from experiments import benchmark_torch
 
 try:
     import torch
     import torch.nn.functional as F
-    from pytorch_fid import inception as pt_inception
+    from pytorch_fid import inception as pt_inception  # noqa: F401
 except ImportError as e:  # pragma: no cover - fails below, never skips
     _IMPORT_ERROR = e
 else:
@@ -34,21 +35,8 @@ def torch_nets():
     if _IMPORT_ERROR is not None:
         pytest.fail(f"The parity check needs PyTorch and pytorch-fid ({_IMPORT_ERROR}); "
                     'install the test extra: pip install -e ".[test]".', pytrace=False)
-    mp = pytest.MonkeyPatch()
-    no_weights = object()
-    mp.setattr(pt_inception, "load_state_dict_from_url", lambda *a, **k: no_weights)
-    load = torch.nn.Module.load_state_dict
-    mp.setattr(torch.nn.Module, "load_state_dict",
-               lambda self, sd, *a, **k: None if sd is no_weights else load(self, sd, *a, **k))
-    built = []
-    build = pt_inception.fid_inception_v3
-    mp.setattr(pt_inception, "fid_inception_v3", lambda: built.append(build()) or built[-1])
-    try:
-        torch.manual_seed(0)
-        wrapper = pt_inception.InceptionV3([pt_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-    finally:
-        mp.undo()
-    net = built[0]
+    torch.manual_seed(0)
+    wrapper, net = benchmark_torch.fid_inception_without_weights()
     _randomize_batch_norm(wrapper)
     return wrapper.eval(), net.eval()
 
