@@ -20,18 +20,12 @@ from diffusion_jax.training.config import default_config, digits_fields, shrink
 from diffusion_jax.training.objectives.edm import add_edm_fields
 
 
-def tiny(config):
-    shrink(config)
-    config.sample.num_steps = 4
-    config.sample.num_samples, config.eval.num_examples, config.eval.batch_size = 8, 16, 8
-    return config
-
-
 def get_config(variant: str | None = None):
     config = digits_fields(add_edm_fields(default_config()))
     config.eval.num_examples, config.eval.batch_size = 256, 64
     if variant == "tiny":
-        tiny(config)
+        shrink(config)  # grids of 8, evaluation of 16
+        config.sample.num_steps = 4
     elif variant:
         raise ValueError(f"Unknown config variant {variant!r}; valid: 'tiny' (or none).")
     return config
