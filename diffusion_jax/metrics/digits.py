@@ -127,7 +127,8 @@ def digits_fid(images_1, images_2, classifier: DigitsClassifier | None = None) -
 
 def reference_halves() -> tuple[np.ndarray, np.ndarray]:
     """Indices of the training digits' reference half and comparison half (750 each), a
-    fixed random split (seed 0): both halves hold every writer of the training digits."""
+    fixed random split (seed 0): each half draws from every part of the (not randomly
+    ordered) training digits."""
     order = np.random.default_rng(_HALVES_SEED).permutation(embedded.NUM_TRAIN)
     half = embedded.NUM_TRAIN // 2
     return np.sort(order[:half]), np.sort(order[half:])
